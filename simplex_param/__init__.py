@@ -1,0 +1,16 @@
+"""simplex_param: learnable weights on the probability simplex, fast.
+
+A ``Simplex`` parametrization for any module parameter, a fused
+softmax-and-weighted-sum operator (C++/CUDA kernels registered with
+``torch.library``, with a pure-PyTorch fallback), and fusion layers built on it.
+"""
+from ._ext import extension_loaded
+from .ops import softmax_weighted_sum, weighted_sum
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "extension_loaded",
+    "softmax_weighted_sum",
+    "weighted_sum",
+]
