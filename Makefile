@@ -1,0 +1,43 @@
+# One-command set-up: `make demo` and `make test` create .venv, install the
+# pinned torch and the tools, build the extension and run.
+PYTHON ?= python3
+VENV ?= .venv
+# A plain `torch` pulls a multi-GB CUDA build; this pin is a CPU build.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-stamp
+BUILT := $(VENV)/.built-stamp
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+
+.PHONY: setup demo test test-compiled test-fallback bench clean
+
+$(DEPS): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -r requirements-dev.txt
+	touch $@
+
+$(BUILT): $(DEPS) $(SOURCES)
+	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(BUILT)
+
+demo: setup
+	$(PY) -m simplex_param demo
+
+# The whole suite on the compiled kernels, then again on the pure-PyTorch fallback.
+test: test-compiled test-fallback
+
+test-compiled: setup
+	$(PY) -c "import simplex_param as sp, sys; sys.exit(0 if sp.extension_loaded() else 'extension not loaded')"
+	$(PYTEST) tests
+
+test-fallback: setup
+	SIMPLEX_PARAM_DISABLE_EXTENSION=1 $(PYTEST) tests
+
+bench: setup
+	$(PY) -m simplex_param bench
+
+clean:
+	rm -rf build *.egg-info simplex_param/_C*.so
