@@ -6,10 +6,14 @@ softmax-and-weighted-sum operator (C++/CUDA kernels registered with
 """
 from ._ext import extension_loaded
 from .ops import softmax_weighted_sum, weighted_sum
+from .parametrization import Simplex, combine, simplex
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Simplex",
+    "combine",
+    "simplex",
     "extension_loaded",
     "softmax_weighted_sum",
     "weighted_sum",

@@ -1,0 +1,269 @@
+r"""The ``Simplex`` parametrization: any floating parameter, constrained to the
+probability simplex along a dimension, with :mod:`torch.nn.utils.parametrize`.
+
+``Simplex`` is the parametrization module (``forward`` and ``right_inverse``),
+:func:`simplex` validates, registers and returns the module, in the style of
+:func:`torch.nn.utils.parametrizations.orthogonal`, and :func:`combine` is the
+bridge to the fused operator: a weighted sum of inputs by a parametrized weight
+vector that never materialises the weights.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from . import ops
+
+__all__ = ["Simplex", "simplex", "combine"]
+
+# Slack on "sums to one" when deciding whether a value assigned to a
+# parametrized tensor is probabilities. Generous enough for probabilities
+# rounded to the dtype (or computed in float32 and cast to float64).
+_SUM_TOLERANCE = {
+    torch.float64: 1e-6,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 3e-2,
+}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_dim_type(dim) -> Optional[int]:
+    if dim is None:
+        return None
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
+    return dim
+
+
+def _check_dim_range(dim: Optional[int], ndim: int) -> None:
+    """Raise PyTorch's own IndexError when `dim` does not index a tensor of `ndim` dimensions."""
+    if dim is None:
+        return
+    n = max(ndim, 1)  # a 0-D tensor accepts dims -1 and 0, as in PyTorch
+    if not -n <= dim < n:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})")
+
+
+def _check_floating(t: Tensor, what: str) -> None:
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{what} must have a floating dtype, got {t.dtype}")
+
+
+class Simplex(nn.Module):
+    r"""Parametrization of a tensor whose slices along ``dim`` are probability vectors.
+
+    .. math::
+        W = \mathrm{softmax}(Z / T, \mathrm{dim}), \qquad
+        W \ge 0, \quad \textstyle\sum_{\mathrm{dim}} W = 1
+
+    where :math:`Z` are the unconstrained pre-weights stored by
+    :func:`torch.nn.utils.parametrize.register_parametrization` in
+    ``module.parametrizations[name].original`` and :math:`T` is the
+    temperature. With ``dim=None`` all the entries form one distribution.
+    float16 and bfloat16 tensors are computed in float32 and returned in their
+    own dtype.
+
+    ``right_inverse`` (called on registration and on ``module.name = value``)
+    follows one rule:
+
+    * a ``value`` that lies on the simplex along ``dim`` (every entry
+      ``>= 0``, every sum equal to one within ``1e-6`` for float64, ``1e-4`` for
+      float32, ``1e-2`` for float16, ``3e-2`` for bfloat16) is taken as
+      probabilities: the pre-weights become the centred
+      ``log(clamp(value, floor)) * T``, so that the parametrized tensor gives
+      ``value`` back. The floor, ``max(tiny, eps**2)`` of the dtype, keeps zeros
+      finite;
+    * any other finite ``value`` is taken as the pre-weights themselves. So
+      registering on a freshly initialised parameter keeps its values as
+      pre-weights, as in the classic recipe;
+    * a ``value`` with NaN or inf raises ``ValueError``.
+
+    Args:
+        dim (int or None, optional): the dimension along which entries sum to
+            one; ``None`` for all entries. Default: ``-1``.
+        temperature (float, optional): softmax temperature, positive and
+            finite. Default: ``1.0``.
+
+    Example::
+
+        >>> m = nn.Linear(3, 2)
+        >>> parametrize.register_parametrization(m, "weight", sp.Simplex(dim=1))
+        ParametrizedLinear(
+          in_features=3, out_features=2, bias=True
+          (parametrizations): ModuleDict(
+            (weight): ParametrizationList(
+              (0): Simplex(dim=1, temperature=1.0)
+            )
+          )
+        )
+        >>> m.weight.sum(dim=1)
+        tensor([1.0000, 1.0000], grad_fn=<SumBackward1>)
+        >>> m.weight = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+        >>> m.weight
+        tensor([[0.5000, 0.5000, 0.0000],
+                [0.2000, 0.3000, 0.5000]], grad_fn=<...>)
+    """
+
+    def __init__(self, dim: Optional[int] = -1, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.dim = _check_dim_type(dim)
+        self.temperature = ops._check_temperature(temperature)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, temperature={self.temperature}"
+
+    def forward(self, X: Tensor) -> Tensor:
+        Xc = X.to(_compute_dtype(X.dtype)) / self.temperature
+        if self.dim is None:
+            W = torch.softmax(Xc.reshape(-1), dim=0).reshape(X.shape)
+        else:
+            W = torch.softmax(Xc, dim=self.dim)
+        return W.to(X.dtype)
+
+    def _on_simplex(self, Y: Tensor) -> bool:
+        if not bool((Y >= 0).all()):
+            return False
+        sums = Y.sum() if self.dim is None else Y.sum(dim=self.dim)
+        if sums.numel() == 0:
+            return False
+        tol = _SUM_TOLERANCE.get(Y.dtype, 1e-2)
+        return bool(((sums - 1).abs() <= tol).all())
+
+    @torch.no_grad()
+    def right_inverse(self, Y: Tensor) -> Tensor:
+        _check_floating(Y, "the parametrized tensor")
+        _check_dim_range(self.dim, Y.dim())
+        if Y.device.type == "meta":  # no values to inspect: pre-weights
+            return Y.clone()
+        Yc = Y.to(_compute_dtype(Y.dtype))
+        if not bool(torch.isfinite(Yc).all()):
+            raise ValueError(
+                "Simplex.right_inverse: the value contains NaN or inf; expected probabilities "
+                "along dim or finite pre-weights"
+            )
+        if not self._on_simplex(Yc):
+            return Y.clone()
+        info = torch.finfo(Y.dtype)
+        Z = Yc.clamp_min(max(info.tiny, info.eps**2)).log()
+        Z = Z - (Z.mean() if self.dim is None else Z.mean(dim=self.dim, keepdim=True))
+        Z = (Z * self.temperature).to(Y.dtype)
+        if not bool(torch.isfinite(Z).all()):
+            raise ValueError(
+                f"Simplex.right_inverse: these probabilities need pre-weights beyond the range of "
+                f"{Y.dtype} at temperature {self.temperature}"
+            )
+        return Z
+
+
+def _get_tensor(module: nn.Module, name: str) -> Tensor:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    t = getattr(module, name, None)
+    if not isinstance(t, Tensor):
+        raise ValueError(f"Module '{type(module).__name__}' has no parameter or buffer with name '{name}'")
+    return t
+
+
+def simplex(module: nn.Module, name: str = "weight", *, dim: Optional[int] = -1, temperature: float = 1.0) -> nn.Module:
+    r"""Constrain ``module.<name>`` to the probability simplex along ``dim``.
+
+    Registers :class:`Simplex` on the tensor: from then on
+
+    .. math::
+        \mathrm{module.name} = \mathrm{softmax}(Z / T, \mathrm{dim})
+
+    with the current values kept as the pre-weights :math:`Z` (or, if they are
+    already probabilities along ``dim``, turned into pre-weights that give them
+    back; see :class:`Simplex`). The pre-weights are
+    ``module.parametrizations[name].original``, the same ``Parameter`` object
+    as before, so an existing optimizer keeps working.
+
+    Args:
+        module (nn.Module): the module holding the tensor.
+        name (str, optional): name of a floating parameter or buffer.
+            Default: ``"weight"``.
+        dim (int or None, optional): the dimension along which entries sum to
+            one; ``None`` for all entries. Default: ``-1``.
+        temperature (float, optional): softmax temperature, positive and
+            finite. Default: ``1.0``.
+
+    Returns:
+        The module, with the parametrization registered.
+
+    Raises:
+        ValueError: no tensor ``name`` on the module, or a temperature that is
+            not positive and finite.
+        TypeError: a tensor that is not floating.
+        IndexError: ``dim`` out of range for the tensor.
+
+    Example::
+
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> m = sp.simplex(nn.Linear(4, 3), dim=1)
+        >>> m.weight.sum(dim=1)
+        tensor([1.0000, 1.0000, 1.0000], grad_fn=<SumBackward1>)
+        >>> bool((m.weight >= 0).all())
+        True
+    """
+    t = _get_tensor(module, name)
+    _check_floating(t, f"module.{name}")
+    dim = _check_dim_type(dim)
+    _check_dim_range(dim, t.dim())
+    return parametrize.register_parametrization(module, name, Simplex(dim=dim, temperature=temperature))
+
+
+def combine(module: nn.Module, name: str, inputs) -> Tensor:
+    r"""Weighted sum of ``inputs`` by the weight vector ``module.<name>``.
+
+    .. math::
+        \mathrm{out} = \sum_{k=1}^{K} w_k x_k, \qquad w = \mathrm{module.name}
+
+    When ``module.<name>`` is 1-D and parametrized by exactly one
+    :class:`Simplex`, this is :func:`simplex_param.softmax_weighted_sum` of the
+    stored pre-weights: the softmax happens inside the fused kernel and the
+    weights are never materialised (so :func:`~torch.nn.utils.parametrize.cached`
+    has nothing to cache here). Otherwise it is
+    :func:`simplex_param.weighted_sum` of ``module.<name>`` as it evaluates,
+    cached or not. Both give the same values and gradients.
+
+    Args:
+        module (nn.Module): the module holding the weights.
+        name (str): name of a 1-D tensor of K weights, parametrized or not.
+        inputs (list of Tensor or Tensor): K tensors of one shape, dtype and
+            device, or one tensor of shape ``(K, ...)``.
+
+    Returns:
+        Tensor of the shape and dtype of one input.
+
+    Example::
+
+        >>> m = nn.Module()
+        >>> m.mix = nn.Parameter(torch.zeros(3))
+        >>> _ = sp.simplex(m, "mix")
+        >>> xs = [torch.full((2,), float(k)) for k in range(3)]
+        >>> sp.combine(m, "mix", xs)
+        tensor([1., 1.], grad_fn=<...>)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if parametrize.is_parametrized(module, name):
+        plist = module.parametrizations[name]
+        if _is_fusable(plist):
+            return ops.softmax_weighted_sum(plist.original, inputs, temperature=plist[0].temperature)
+    return ops.weighted_sum(_get_tensor(module, name), inputs)
+
+
+def _is_fusable(plist: parametrize.ParametrizationList) -> bool:
+    """Exactly one Simplex over one stored 1-D tensor: the fused softmax path applies."""
+    if len(plist) != 1 or not isinstance(plist[0], Simplex) or not plist.is_tensor:
+        return False
+    return plist.original.dim() == 1 and plist[0].dim in (0, -1, None)
