@@ -7,6 +7,7 @@ softmax-and-weighted-sum operator (C++/CUDA kernels registered with
 from ._ext import extension_loaded
 from .ops import softmax_weighted_sum, weighted_sum
 from .parametrization import Simplex, combine, simplex
+from .layers import LazySimplexFusion, ScalarMix, SimplexFusion
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,7 @@ __all__ = [
     "extension_loaded",
     "softmax_weighted_sum",
     "weighted_sum",
+    "SimplexFusion",
+    "LazySimplexFusion",
+    "ScalarMix",
 ]

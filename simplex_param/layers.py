@@ -1,0 +1,419 @@
+r"""Fusion layers on the fused operator.
+
+:class:`SimplexFusion` mixes K same-shaped inputs (modalities, branches, the
+candidate operations of a DARTS cell) with learned weights on the simplex;
+:class:`LazySimplexFusion` infers K from its first call; :class:`ScalarMix` is
+a drop-in for AllenNLP's ``ScalarMix`` (the ELMo-style mix of layer outputs)
+that also loads its checkpoints.
+
+Each keeps its weights as a 1-D parameter parametrized by
+:class:`~simplex_param.Simplex`, stored as the pre-softmax values
+``parametrizations.weight.original``, and runs one fused pass over the inputs.
+"""
+import numbers
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedParameter
+from torch.nn.utils import parametrize
+
+from . import ops
+from .parametrization import Simplex
+
+__all__ = ["SimplexFusion", "LazySimplexFusion", "ScalarMix"]
+
+
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return int(value)
+
+
+def _check_probability(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"weight_dropout must be a float, got {type(p).__name__}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"weight_dropout must be in [0, 1], got {p!r}")
+    return float(p)
+
+
+def _num_entries(inputs) -> int:
+    """K of a list/tuple of inputs (``None`` entries included) or of a tensor of shape (K, ...)."""
+    if isinstance(inputs, Tensor):
+        if inputs.dim() == 0:
+            raise ValueError("inputs given as a single tensor must have a first dimension K, got a 0-D tensor")
+        return inputs.shape[0]
+    if not isinstance(inputs, Sequence) or isinstance(inputs, (str, bytes)):
+        raise TypeError(f"inputs must be a list or tuple of tensors, or one tensor, got {type(inputs).__name__}")
+    return len(inputs)
+
+
+def _drop_logits(logits: Tensor, p: float) -> Tensor:
+    r"""Drop each entry with probability ``p`` (its logit becomes ``-inf``), keeping at least one.
+
+    The softmax of the result is the softmax over the kept entries alone: the
+    weights of the kept inputs, renormalised to sum to one. When every entry
+    falls, one chosen uniformly is kept. Runs on the device, without a host
+    synchronisation, so it also compiles.
+    """
+    n = logits.shape[0]
+    keep = torch.rand(n, device=logits.device) >= p
+    lucky = torch.randint(n, (1,), device=logits.device)
+    one = torch.zeros(n, dtype=torch.bool, device=logits.device).index_fill_(0, lucky, True)
+    keep = torch.where(keep.any(), keep, one)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+class SimplexFusion(nn.Module):
+    r"""Learned convex combination of K same-shaped inputs.
+
+    .. math::
+        y = \sum_{k=1}^{K} w_k x_k \;(+\, b), \qquad
+        w = \mathrm{softmax}(z / T)
+
+    The pre-weights :math:`z` are the parameter
+    ``parametrizations.weight.original`` (shape ``(K,)``, zeros at first: uniform
+    weights); ``self.weight`` reads as the probabilities :math:`w`, and
+    assigning probabilities to it sets :math:`z` so that it reads them back.
+    The forward is :func:`simplex_param.softmax_weighted_sum` of :math:`z`: the
+    softmax happens inside the fused kernel, which reads each input once.
+
+    **Missing inputs.** A ``None`` entry marks an absent input (a dropped
+    modality, a missing sensor). The weights are renormalised over the present
+    inputs, :math:`w_k / \sum_{j\,\mathrm{present}} w_j`, which is the softmax
+    of the present pre-weights, and stay differentiable. All absent is an error.
+
+    **Weight dropout.** With ``weight_dropout=p``, in training mode each present
+    input is dropped with probability ``p`` and the weights are renormalised
+    over the kept ones, so they still sum to one; when all fall, one chosen
+    uniformly is kept. Nothing is dropped in eval mode. A dropped input is
+    given weight zero (its pre-weight is masked with ``-inf``), so it must
+    still be finite.
+
+    Args:
+        num_inputs (int): K, the number of inputs, at least 1.
+        bias (bool, optional): add a learnable scalar bias, zero at first.
+            Default: ``False``.
+        temperature (float, optional): softmax temperature, positive and
+            finite. Default: ``1.0``.
+        weight_dropout (float, optional): probability of dropping each input
+            in training, in ``[0, 1]``. Default: ``0.0``.
+        device, dtype: of the parameters, as in other ``torch.nn`` layers.
+            The inputs may have another floating dtype (float32 weights with
+            bfloat16 inputs is the usual mixed-precision case).
+
+    Shape:
+        - inputs: a list or tuple of K tensors of one shape :math:`(*)`
+          (``None`` for an absent one), or one tensor :math:`(K, *)`.
+        - output: :math:`(*)`, in the inputs' dtype.
+
+    Example::
+
+        >>> fuse = sp.SimplexFusion(3)
+        >>> fuse.extra_repr()
+        'num_inputs=3, temperature=1.0, weight_dropout=0.0, bias=False'
+        >>> list(fuse.state_dict())
+        ['parametrizations.weight.original']
+        >>> fuse.weight
+        tensor([0.3333, 0.3333, 0.3333], grad_fn=<SoftmaxBackward0>)
+        >>> xs = [torch.full((2,), float(k)) for k in range(3)]
+        >>> fuse(xs)
+        tensor([1., 1.], grad_fn=<...>)
+        >>> fuse([xs[0], None, xs[2]])
+        tensor([1., 1.], grad_fn=<...>)
+        >>> fuse.weight = torch.tensor([0.5, 0.25, 0.25])
+        >>> fuse(xs)
+        tensor([0.7500, 0.7500], grad_fn=<...>)
+    """
+
+    def __init__(
+        self,
+        num_inputs: int,
+        *,
+        bias: bool = False,
+        temperature: float = 1.0,
+        weight_dropout: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.temperature = ops._check_temperature(temperature)
+        self.weight_dropout = _check_probability(weight_dropout)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros((), **factory))
+        else:
+            self.register_parameter("bias", None)
+        self._create_weight(num_inputs, factory)
+
+    def _create_weight(self, num_inputs, factory) -> None:
+        self.num_inputs = _check_count(num_inputs, "num_inputs")
+        self.weight = nn.Parameter(torch.zeros(self.num_inputs, **factory))
+        self._parametrize_weight()
+
+    def _parametrize_weight(self) -> None:
+        parametrize.register_parametrization(self, "weight", Simplex(temperature=self.temperature))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform weights (zero pre-weights) and a zero bias."""
+        with torch.no_grad():
+            self.parametrizations.weight.original.zero_()
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_inputs={self.num_inputs}, temperature={self.temperature}, "
+            f"weight_dropout={self.weight_dropout}, bias={self.bias is not None}"
+        )
+
+    def forward(self, inputs) -> Tensor:
+        n = _num_entries(inputs)
+        if n != self.num_inputs:
+            raise ValueError(f"inputs has {n} entries but this layer fuses num_inputs={self.num_inputs}")
+        logits = self.parametrizations.weight.original
+        if not isinstance(inputs, Tensor):
+            present = [k for k, x in enumerate(inputs) if x is not None]
+            if not present:
+                raise ValueError("inputs: every entry is None; at least one input must be present")
+            if len(present) < n:
+                logits = logits[present]
+                inputs = [inputs[k] for k in present]
+        if self.training and self.weight_dropout > 0 and logits.shape[0] > 1:
+            logits = _drop_logits(logits, self.weight_dropout)
+        out = ops.softmax_weighted_sum(logits, inputs, temperature=self.temperature)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+class LazySimplexFusion(LazyModuleMixin, SimplexFusion):
+    r"""A :class:`SimplexFusion` whose ``num_inputs`` is inferred from the first call.
+
+    Until then ``weight`` is a :class:`~torch.nn.parameter.UninitializedParameter`.
+    The first forward (or loading a state_dict of a materialised layer)
+    materialises it with shape ``(K,)``, in place, and registers the
+    :class:`~simplex_param.Simplex` parametrization on that same parameter
+    object, which becomes ``parametrizations.weight.original``. So an optimizer
+    built after a dry run sees it, as with other lazy modules
+    (:class:`torch.nn.LazyLinear`); one built before the dry run would not.
+    After that the layer is an ordinary :class:`SimplexFusion` (it stays of
+    this class), and a call with another number of inputs raises
+    ``ValueError``.
+
+    Args:
+        bias, temperature, weight_dropout, device, dtype: as in
+            :class:`SimplexFusion`.
+
+    Example::
+
+        >>> fuse = sp.LazySimplexFusion()
+        >>> fuse.has_uninitialized_params()
+        True
+        >>> _ = fuse([torch.ones(2)] * 4)          # the dry run
+        >>> fuse.num_inputs, list(fuse.state_dict())
+        (4, ['parametrizations.weight.original'])
+        >>> optimizer = torch.optim.SGD(fuse.parameters(), lr=0.1)
+    """
+
+    # Keep this class after materialisation: parametrize has already swapped it
+    # for a subclass that carries the `weight` property.
+    cls_to_become = None
+
+    def __init__(
+        self,
+        *,
+        bias: bool = False,
+        temperature: float = 1.0,
+        weight_dropout: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            None, bias=bias, temperature=temperature, weight_dropout=weight_dropout, device=device, dtype=dtype
+        )
+        self.register_load_state_dict_pre_hook(LazySimplexFusion._materialize_from_state_dict)
+
+    def _create_weight(self, num_inputs, factory) -> None:
+        self.num_inputs = 0
+        self.weight = UninitializedParameter(**factory)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params():
+            super().reset_parameters()
+
+    def _materialize(self, num_inputs: int) -> None:
+        self.num_inputs = _check_count(num_inputs, "num_inputs")
+        with torch.no_grad():
+            self.weight.materialize((self.num_inputs,))
+            self.weight.zero_()  # finite values for Simplex.right_inverse
+        self._parametrize_weight()
+
+    def initialize_parameters(self, inputs) -> None:
+        """Materialise the weights with K taken from ``inputs`` (called before the first forward)."""
+        if self.has_uninitialized_params():
+            self._materialize(_num_entries(inputs))
+
+    @staticmethod
+    def _materialize_from_state_dict(module, state_dict, prefix, *args) -> None:
+        saved = state_dict.get(prefix + "parametrizations.weight.original")
+        if saved is not None and module.has_uninitialized_params() and saved.dim() == 1:
+            module._materialize(saved.shape[0])
+
+
+class ScalarMix(nn.Module):
+    r"""AllenNLP's ``ScalarMix``: ``gamma`` times a learned convex mix of K tensors.
+
+    .. math::
+        y = \gamma \sum_{k=1}^{K} s_k\, \tilde t_k, \qquad
+        s = \mathrm{softmax}(z), \qquad
+        \tilde t_k = \begin{cases}
+            \dfrac{t_k - \mu_k}{\sqrt{\sigma_k^2 + \epsilon}} & \text{with layer norm} \\
+            t_k & \text{otherwise}
+        \end{cases}
+
+    With ``do_layer_norm=True``, :math:`\mu_k` and :math:`\sigma_k^2` are the
+    mean and (biased) variance of all the unmasked elements of :math:`t_k`
+    (a position is unmasked when ``mask`` is nonzero there; the mask covers
+    every dimension but the last), exactly as AllenNLP computes them, with
+    AllenNLP's :math:`\epsilon`: ``1e-4`` for float16 inputs, ``1e-13``
+    otherwise. The statistics and the normalisation are computed in float32
+    for float16 and bfloat16 inputs (AllenNLP's own raises for bfloat16), and
+    the result has the inputs' dtype. An all-masked ``mask`` gives NaN, as in
+    AllenNLP.
+
+    The pre-softmax :math:`z` is ``parametrizations.weight.original`` (shape
+    ``(K,)``; ``self.weight`` reads as :math:`s`) and ``gamma`` has shape
+    ``(1,)``. Since :math:`\gamma s` is a vector of K numbers, the mix is one
+    :func:`simplex_param.weighted_sum` pass over the tensors.
+
+    ``load_state_dict`` also accepts AllenNLP checkpoints, with the keys
+    ``scalar_parameters.0`` ... ``scalar_parameters.{K-1}`` (one value each)
+    and ``gamma``; a checkpoint for another K is an error.
+
+    Args:
+        mixture_size (int): K, the number of tensors to mix.
+        do_layer_norm (bool, optional): normalise each tensor first.
+            Default: ``False``.
+        initial_scalar_parameters (list of float, optional): K pre-softmax
+            values, as in AllenNLP. Default: zeros (uniform weights).
+        trainable (bool, optional): whether the weights and ``gamma`` learn.
+            Default: ``True``.
+
+    Shape:
+        - tensors: a list or tuple of K tensors of one shape :math:`(*, D)`,
+          or one tensor :math:`(K, *, D)`.
+        - mask: :math:`(*)`, bool or numeric; required with layer norm,
+          ignored without.
+        - output: :math:`(*, D)`, in the tensors' dtype.
+
+    Example::
+
+        >>> mix = sp.ScalarMix(3, initial_scalar_parameters=[0.0, 0.0, 1.0])
+        >>> mix.weight
+        tensor([0.2119, 0.2119, 0.5761], grad_fn=<SoftmaxBackward0>)
+        >>> layers = [torch.full((1, 2), float(k)) for k in range(3)]
+        >>> mix(layers)
+        tensor([[1.3642, 1.3642]], grad_fn=<...>)
+    """
+
+    def __init__(
+        self,
+        mixture_size: int,
+        do_layer_norm: bool = False,
+        initial_scalar_parameters: Optional[Sequence[float]] = None,
+        trainable: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mixture_size = _check_count(mixture_size, "mixture_size")
+        self.do_layer_norm = bool(do_layer_norm)
+        if initial_scalar_parameters is None:
+            initial = torch.zeros(self.mixture_size)
+        else:
+            initial = torch.as_tensor(initial_scalar_parameters, dtype=torch.float32)
+            if initial.dim() != 1 or initial.shape[0] != self.mixture_size:
+                raise ValueError(
+                    f"initial_scalar_parameters has {initial.numel()} values but mixture_size is {self.mixture_size}"
+                )
+            if not bool(torch.isfinite(initial).all()):
+                raise ValueError(f"initial_scalar_parameters must be finite, got {initial.tolist()}")
+        self.weight = nn.Parameter(torch.zeros(self.mixture_size))
+        parametrize.register_parametrization(self, "weight", Simplex())
+        original = self.parametrizations.weight.original
+        with torch.no_grad():
+            # The values are pre-softmax even when they happen to sum to one,
+            # so they are set directly rather than through right_inverse.
+            original.copy_(initial)
+        self.gamma = nn.Parameter(torch.ones(1))
+        original.requires_grad_(trainable)
+        self.gamma.requires_grad_(trainable)
+        self.register_load_state_dict_pre_hook(ScalarMix._load_allennlp_keys)
+
+    def extra_repr(self) -> str:
+        return f"mixture_size={self.mixture_size}, do_layer_norm={self.do_layer_norm}"
+
+    def forward(self, tensors, mask: Optional[Tensor] = None) -> Tensor:
+        n = _num_entries(tensors)
+        if n != self.mixture_size:
+            raise ValueError(f"tensors has {n} tensors but mixture_size is {self.mixture_size}")
+        coefficients = self.gamma * self.weight
+        if not self.do_layer_norm:
+            return ops.weighted_sum(coefficients, tensors)
+        if mask is None:
+            raise ValueError("mask is required when do_layer_norm=True")
+        tensors = list(tensors.unbind(0)) if isinstance(tensors, Tensor) else list(tensors)
+        for k, t in enumerate(tensors):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"tensors[{k}] must be a Tensor, got {type(t).__name__}")
+        dtype = tensors[0].dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"tensors[0] must have a floating dtype, got {dtype}")
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a Tensor, got {type(mask).__name__}")
+        if tensors[0].dim() < 1 or mask.shape != tensors[0].shape[:-1]:
+            raise ValueError(
+                f"mask has shape {list(mask.shape)} but tensors of shape {list(tensors[0].shape)} "
+                f"need a mask of shape {list(tensors[0].shape[:-1])}"
+            )
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        eps = 1e-4 if dtype == torch.float16 else 1e-13
+        m = mask.to(compute).unsqueeze(-1)
+        count = m.sum() * tensors[0].shape[-1]
+        normed = [_masked_standardize(t.to(compute), m, count, eps) for t in tensors]
+        return ops.weighted_sum(coefficients, normed).to(dtype)
+
+    @staticmethod
+    def _load_allennlp_keys(module, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        """Map AllenNLP's ``scalar_parameters.k`` onto ``parametrizations.weight.original``."""
+        head = prefix + "scalar_parameters."
+        found = [key for key in state_dict if key.startswith(head)]
+        if not found:
+            return
+        wanted = [f"{head}{k}" for k in range(module.mixture_size)]
+        if sorted(found) != sorted(wanted):
+            error_msgs.append(
+                f"AllenNLP ScalarMix checkpoint has {len(found)} scalar_parameters "
+                f"({', '.join(sorted(found))}) but mixture_size is {module.mixture_size}"
+            )
+            return
+        values = [state_dict[key] for key in wanted]
+        if any(v.numel() != 1 for v in values):
+            error_msgs.append(f"each of {head}0.. must hold one value, got shapes {[list(v.shape) for v in values]}")
+            return
+        for key in wanted:
+            del state_dict[key]
+        state_dict[prefix + "parametrizations.weight.original"] = torch.cat([v.reshape(1) for v in values])
+
+
+def _masked_standardize(t: Tensor, m: Tensor, count: Tensor, eps: float) -> Tensor:
+    r"""``(t - mean) / sqrt(var + eps)``, mean and variance over the elements where ``m`` is nonzero."""
+    tm = t * m
+    mean = tm.sum() / count
+    var = ((tm - mean) * m).pow(2).sum() / count
+    return (t - mean) / torch.sqrt(var + eps)
