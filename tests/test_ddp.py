@@ -1,0 +1,111 @@
+"""DistributedDataParallel over Simplex-parametrized modules: 2 processes on CPU
+with the gloo backend end with identical weights, equal to one process trained
+on the whole batch."""
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import simplex_param as sp
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+WORLD = 2
+STEPS = 4
+TIMEOUT_S = 120  # of the process group
+JOIN_TIMEOUT_S = 300  # of the whole run, start-up of both workers included
+
+
+class Mixer(nn.Module):
+    """A 1-D simplex mix of inputs (fused combine) and a row-stochastic linear map."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(3))
+        self.proj = nn.Linear(4, 2)
+        sp.simplex(self, "mix", temperature=0.5)
+        sp.simplex(self.proj, dim=1)
+
+    def forward(self, xs):
+        return self.proj(sp.combine(self, "mix", xs))
+
+
+def make_model_and_data():
+    torch.manual_seed(0)
+    model = Mixer().double()
+    xs = torch.randn(3, 8, 4, dtype=torch.float64)  # K=3 inputs, batch of 8
+    target = torch.randn(8, 2, dtype=torch.float64)
+    return model, xs, target
+
+
+def train(model, xs, target):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(xs), target).backward()
+        opt.step()
+
+
+def worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
+    try:
+        model, xs, target = make_model_and_data()
+        if rank == 1:  # a different start, which DDP overwrites with rank 0's
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        shard = slice(rank * 4, rank * 4 + 4)  # equal shards: the mean of the shard losses is the full loss
+        train(ddp, xs[:, shard], target[shard])
+        torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gloo_two_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # inherited by the workers: loopback only
+    ctx = mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the DDP workers did not finish within {JOIN_TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert states[0].keys() == states[1].keys()
+    assert "parametrizations.mix.original" in states[0]
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+    model, xs, target = make_model_and_data()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, xs, target)
+    for key, value in model.state_dict().items():
+        assert not torch.equal(value, start[key]), f"{key} did not train"
+        torch.testing.assert_close(states[0][key], value, rtol=1e-10, atol=1e-12)
