@@ -359,21 +359,19 @@ class ScalarMix(nn.Module):
         return f"mixture_size={self.mixture_size}, do_layer_norm={self.do_layer_norm}"
 
     def forward(self, tensors, mask: Optional[Tensor] = None) -> Tensor:
-        n = _num_entries(tensors)
-        if n != self.mixture_size:
-            raise ValueError(f"tensors has {n} tensors but mixture_size is {self.mixture_size}")
-        coefficients = self.gamma * self.weight
+        tensors = ops._as_list(tensors)
+        if len(tensors) != self.mixture_size:
+            raise ValueError(f"tensors has {len(tensors)} tensors but mixture_size is {self.mixture_size}")
+        dtype = tensors[0].dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"tensors[0] must have a floating dtype, got {dtype}")
+        # gamma * s in the dtype of AllenNLP's products: float64 for float64 tensors.
+        cdtype = torch.promote_types(self.gamma.dtype, dtype)
+        coefficients = self.gamma.to(cdtype) * self.weight.to(cdtype)
         if not self.do_layer_norm:
             return ops.weighted_sum(coefficients, tensors)
         if mask is None:
             raise ValueError("mask is required when do_layer_norm=True")
-        tensors = list(tensors.unbind(0)) if isinstance(tensors, Tensor) else list(tensors)
-        for k, t in enumerate(tensors):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"tensors[{k}] must be a Tensor, got {type(t).__name__}")
-        dtype = tensors[0].dtype
-        if not dtype.is_floating_point:
-            raise TypeError(f"tensors[0] must have a floating dtype, got {dtype}")
         if not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a Tensor, got {type(mask).__name__}")
         if tensors[0].dim() < 1 or mask.shape != tensors[0].shape[:-1]:
