@@ -4,86 +4,180 @@
 // in blocks of kBlock elements. A block's accumulator lives on the stack
 // (L1), so the forward reads each input once and writes the output once,
 // and the backward reads the gradient and each input once and writes each
-// input's gradient once. Blocks depend on the element count only, never on
-// the number of threads, and the per-block partial dot products are summed
-// in block order: results are bitwise reproducible.
+// input's gradient once: the minimum traffic, so the op runs at memory
+// bandwidth (docs/benchmarks.md).
+//
+// The loops are plain C++ that the compiler vectorises. On x86-64 they are
+// compiled twice, for the baseline ISA and with AVX2, and the AVX2 copy is
+// chosen at run time when the CPU has it; floating-point contraction is off
+// (ISO C++ mode) and the dot products keep kLanes fixed partial sums, so
+// both copies give bitwise the same results. Blocks depend on the element
+// count only, never on the number of threads, and the per-block partial dot
+// products are summed in block order: results are reproducible.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../validation.h"
 
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+#define SIMPLEX_PARAM_AVX2_PATH 1
+#define SIMPLEX_PARAM_TARGET_AVX2 __attribute__((target("avx2")))
+#else
+#define SIMPLEX_PARAM_AVX2_PATH 0
+#endif
+
+#if defined(__GNUC__)
+#define SIMPLEX_PARAM_INLINE inline __attribute__((always_inline))
+#else
+#define SIMPLEX_PARAM_INLINE inline
+#endif
+
 namespace simplex_param {
 namespace {
 
-constexpr int64_t kBlock = 2048;
+constexpr int64_t kBlock = 4096;
+constexpr int kLanes = 16;
 
 int64_t num_blocks(int64_t n) {
   return (n + kBlock - 1) / kBlock;
 }
 
-// Grain, in blocks, for at::parallel_for: small problems stay on one thread.
+// Grain, in blocks, for at::parallel_for: about 64K elements of traffic per
+// thread at least, so that small problems stay on one thread.
 int64_t block_grain(int64_t K) {
   return std::max<int64_t>(1, 16 / std::max<int64_t>(K, 1));
 }
 
-// Loads `len` elements at `src` as acc_t: the pointer itself when no
-// conversion is needed, else a converted copy in `buf`.
+// Element conversions to and from the accumulation type. bfloat16 is done on
+// the bits (round to nearest even, NaN kept quiet), which vectorises.
+template <typename T>
+SIMPLEX_PARAM_INLINE auto load(const T* p, int64_t i) {
+  return static_cast<at::opmath_type<T>>(p[i]);
+}
+template <>
+SIMPLEX_PARAM_INLINE auto load(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i].x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T, typename A>
+SIMPLEX_PARAM_INLINE void store(T* p, int64_t i, A v) {
+  p[i] = static_cast<T>(v);
+}
+template <>
+SIMPLEX_PARAM_INLINE void store(c10::BFloat16* p, int64_t i, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  p[i].x = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+}
+
+// Forward over blocks [b0, b1): out = sum_k w[k] * xs[k].
 template <typename scalar_t, typename acc_t>
-const acc_t* load_acc(const scalar_t* src, acc_t* buf, int64_t len) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    at::vec::convert(src, buf, len);
-    return buf;
+SIMPLEX_PARAM_INLINE void forward_blocks(
+    const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t n,
+    int64_t b0, int64_t b1) {
+  alignas(64) acc_t acc[kBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * kBlock;
+    const int64_t len = std::min(kBlock, n - start);
+    const scalar_t* x = xs[0] + start;
+    const acc_t w0 = w[0];
+    for (int64_t i = 0; i < len; ++i) acc[i] = w0 * load(x, i);
+    // Two inputs per pass over the accumulator.
+    int64_t k = 1;
+    for (; k + 1 < K; k += 2) {
+      const scalar_t* x1 = xs[k] + start;
+      const scalar_t* x2 = xs[k + 1] + start;
+      const acc_t w1 = w[k], w2 = w[k + 1];
+      for (int64_t i = 0; i < len; ++i) acc[i] = (acc[i] + w1 * load(x1, i)) + w2 * load(x2, i);
+    }
+    if (k < K) {
+      const scalar_t* x1 = xs[k] + start;
+      const acc_t w1 = w[k];
+      for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] + w1 * load(x1, i);
+    }
+    scalar_t* o = out + start;
+    for (int64_t i = 0; i < len; ++i) store(o, i, acc[i]);
   }
 }
 
-// dst[i] = w * x[i] (first) or dst[i] += w * x[i], on acc_t arrays.
-template <typename acc_t>
-void axpy(acc_t w, const acc_t* x, acc_t* dst, int64_t len, bool first) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const Vec wv(w);
-  int64_t i = 0;
-  if (first) {
-    for (; i + Vec::size() <= len; i += Vec::size()) (wv * Vec::loadu(x + i)).store(dst + i);
-    for (; i < len; ++i) dst[i] = w * x[i];
-  } else {
-    for (; i + Vec::size() <= len; i += Vec::size())
-      at::vec::fmadd(wv, Vec::loadu(x + i), Vec::loadu(dst + i)).store(dst + i);
-    for (; i < len; ++i) dst[i] = std::fma(w, x[i], dst[i]);
+// Backward over blocks [b0, b1). For every k: dxs[k] = w[k] * grad where
+// dxs[k] is not null, and, when `partials` is not null, partials[b * K + k]
+// = <grad, xs[k]> over block b, as kLanes fixed partial sums added pairwise.
+template <typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_INLINE void backward_blocks(
+    const scalar_t* grad, const scalar_t* const* xs, const acc_t* w, int64_t K,
+    scalar_t* const* dxs, acc_t* partials, int64_t n, int64_t b0, int64_t b1) {
+  alignas(64) acc_t g[kBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * kBlock;
+    const int64_t len = std::min(kBlock, n - start);
+    for (int64_t i = 0; i < len; ++i) g[i] = load(grad + start, i);
+    for (int64_t k = 0; k < K; ++k) {
+      if (dxs[k] != nullptr) {
+        scalar_t* dx = dxs[k] + start;
+        const acc_t wk = w[k];
+        for (int64_t i = 0; i < len; ++i) store(dx, i, wk * g[i]);
+      }
+      if (partials != nullptr) {
+        const scalar_t* x = xs[k] + start;
+        acc_t s[kLanes] = {};
+        int64_t i = 0;
+        for (; i + kLanes <= len; i += kLanes) {
+          for (int j = 0; j < kLanes; ++j) s[j] = s[j] + g[i + j] * load(x, i + j);
+        }
+        for (int j = 0; i < len; ++i, ++j) s[j] = s[j] + g[i] * load(x, i);
+        for (int width = kLanes / 2; width > 0; width /= 2) {
+          for (int j = 0; j < width; ++j) s[j] = s[j] + s[j + width];
+        }
+        partials[b * K + k] = s[0];
+      }
+    }
   }
 }
 
-// Sum of a[i] * b[i], with four vector accumulators in a fixed order.
-template <typename acc_t>
-acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  Vec s0(0), s1(0), s2(0), s3(0);
-  int64_t i = 0;
-  for (; i + 4 * V <= len; i += 4 * V) {
-    s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s0);
-    s1 = at::vec::fmadd(Vec::loadu(a + i + V), Vec::loadu(b + i + V), s1);
-    s2 = at::vec::fmadd(Vec::loadu(a + i + 2 * V), Vec::loadu(b + i + 2 * V), s2);
-    s3 = at::vec::fmadd(Vec::loadu(a + i + 3 * V), Vec::loadu(b + i + 3 * V), s3);
-  }
-  for (; i + V <= len; i += V) s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s0);
-  const Vec s = (s0 + s1) + (s2 + s3);
-  acc_t total = at::vec::vec_reduce_all<acc_t>(
-      [](Vec& x, Vec& y) { return x + y; }, s);
-  for (; i < len; ++i) total = std::fma(a[i], b[i], total);
-  return total;
+template <typename scalar_t, typename acc_t>
+void forward_default(const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t n, int64_t b0, int64_t b1) {
+  forward_blocks(xs, w, K, out, n, b0, b1);
 }
+template <typename scalar_t, typename acc_t>
+void backward_default(const scalar_t* grad, const scalar_t* const* xs, const acc_t* w, int64_t K,
+                      scalar_t* const* dxs, acc_t* partials, int64_t n, int64_t b0, int64_t b1) {
+  backward_blocks(grad, xs, w, K, dxs, partials, n, b0, b1);
+}
+
+#if SIMPLEX_PARAM_AVX2_PATH
+template <typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_TARGET_AVX2 void forward_avx2(
+    const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t n, int64_t b0, int64_t b1) {
+  forward_blocks(xs, w, K, out, n, b0, b1);
+}
+template <typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_TARGET_AVX2 void backward_avx2(
+    const scalar_t* grad, const scalar_t* const* xs, const acc_t* w, int64_t K,
+    scalar_t* const* dxs, acc_t* partials, int64_t n, int64_t b0, int64_t b1) {
+  backward_blocks(grad, xs, w, K, dxs, partials, n, b0, b1);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(
@@ -92,32 +186,15 @@ void forward_kernel(
     scalar_t* out,
     int64_t n) {
   const int64_t K = static_cast<int64_t>(xs.size());
+  auto body = forward_default<scalar_t, acc_t>;
+#if SIMPLEX_PARAM_AVX2_PATH
+  if (cpu_has_avx2()) body = forward_avx2<scalar_t, acc_t>;
+#endif
   at::parallel_for(0, num_blocks(n), block_grain(K), [&](int64_t b0, int64_t b1) {
-    alignas(64) acc_t acc[kBlock];
-    alignas(64) acc_t buf[kBlock];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t start = b * kBlock;
-      const int64_t len = std::min(kBlock, n - start);
-      // Same-dtype outputs accumulate in place; others through `acc`.
-      acc_t* dst;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        dst = out + start;
-      } else {
-        dst = acc;
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        axpy(w[k], load_acc(xs[k] + start, buf, len), dst, len, k == 0);
-      }
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-        at::vec::convert(acc, out + start, len);
-      }
-    }
+    body(xs.data(), w.data(), K, out, n, b0, b1);
   });
 }
 
-// One pass over the blocks. For every k: dxs[k] = w[k] * grad where dxs[k]
-// is not null, and, when `partials` is not null, partials[b * K + k] =
-// <grad, xs[k]> over block b.
 template <typename scalar_t, typename acc_t>
 void backward_kernel(
     const scalar_t* grad,
@@ -127,27 +204,12 @@ void backward_kernel(
     acc_t* partials,
     int64_t n) {
   const int64_t K = static_cast<int64_t>(w.size());
+  auto body = backward_default<scalar_t, acc_t>;
+#if SIMPLEX_PARAM_AVX2_PATH
+  if (cpu_has_avx2()) body = backward_avx2<scalar_t, acc_t>;
+#endif
   at::parallel_for(0, num_blocks(n), block_grain(K), [&](int64_t b0, int64_t b1) {
-    alignas(64) acc_t gbuf[kBlock];
-    alignas(64) acc_t buf[kBlock];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t start = b * kBlock;
-      const int64_t len = std::min(kBlock, n - start);
-      const acc_t* g = load_acc(grad + start, gbuf, len);
-      for (int64_t k = 0; k < K; ++k) {
-        if (dxs[k] != nullptr) {
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            axpy(w[k], g, dxs[k] + start, len, /*first=*/true);
-          } else {
-            axpy(w[k], g, buf, len, /*first=*/true);
-            at::vec::convert(buf, dxs[k] + start, len);
-          }
-        }
-        if (partials != nullptr) {
-          partials[b * K + k] = dot(g, load_acc(xs[k] + start, buf, len), len);
-        }
-      }
-    }
+    body(grad, xs.data(), w.data(), K, dxs.data(), partials, n, b0, b1);
   });
 }
 

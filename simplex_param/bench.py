@@ -1,0 +1,399 @@
+r"""Benchmark of the fused operator against what users would otherwise write.
+
+``python -m simplex_param bench`` times :func:`simplex_param.softmax_weighted_sum`
+and four contenders on the cases the library is meant for, forward and
+forward+backward, in float32 and bfloat16, and reports each time as a ratio to
+the *floor*: the time of a plain memory copy moving as many bytes as the
+operator must move, measured in the same run.
+
+The op is memory bound. Its forward reads K inputs and writes one output,
+:math:`(K+1)N` elements; its backward reads the gradient and the K inputs and
+writes K gradients, :math:`(2K+1)N` elements. The floor of ``B`` moved bytes is
+the time of ``dst.copy_(src)`` with ``src`` and ``dst`` of ``B/2`` bytes each
+(it reads ``B/2`` and writes ``B/2``).
+
+Times are medians over ``--repeats`` samples, taken round-robin across the
+contenders so that a noisy neighbour slows them alike, after a warm-up. Each
+sample times enough calls to last a few milliseconds. The peak extra memory
+of one call is measured: on CPU from the allocations recorded by
+:mod:`torch.profiler` (``profile_memory=True``), on CUDA with
+:func:`torch.cuda.max_memory_allocated`.
+"""
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from ._ext import extension_loaded
+from .ops import softmax_weighted_sum
+
+__all__ = ["main", "add_arguments", "run"]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    K: int
+    shape: tuple
+
+
+CASES = [
+    Case("multimodal", 3, (256, 512)),
+    Case("darts", 8, (64, 16, 32, 32)),
+    Case("scalar-mix-13", 13, (32, 128, 768)),
+    Case("scalar-mix-25", 25, (8, 128, 1024)),
+    Case("model-soup", 8, (4 * 2**20,)),
+]
+QUICK_CASES = ["multimodal", "darts"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODES = ("fwd", "fwd+bwd")
+CONTENDERS = ("fused", "eager", "stack+tensordot", "compile", "reference")
+
+
+# --------------------------------------------------------------------------
+# Contenders: each a function (logits, xs) -> output.
+# --------------------------------------------------------------------------
+
+def _eager(logits, xs):
+    return sum(w * x for w, x in zip(torch.softmax(logits, 0), xs))
+
+
+def _stack_tensordot(logits, xs):
+    return torch.tensordot(torch.softmax(logits, 0), torch.stack(xs), dims=1)
+
+
+def _contender(name):
+    if name == "fused":
+        return softmax_weighted_sum
+    if name == "eager":
+        return _eager
+    if name == "stack+tensordot":
+        return _stack_tensordot
+    if name == "compile":
+        return torch.compile(_eager, dynamic=False)
+    if name == "reference":
+        return reference.softmax_weighted_sum
+    raise ValueError(f"unknown contender {name!r}")
+
+
+def _step(fn, logits, xs, grad):
+    """One call of `fn`: the forward alone (grad is None) or forward+backward."""
+    if grad is None:
+        return lambda: fn(logits, xs)
+    leaves = [logits, *xs]
+    return lambda: torch.autograd.grad(fn(logits, xs), leaves, grad)
+
+
+# --------------------------------------------------------------------------
+# Measurement.
+# --------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _calls_per_sample(step, device, target_s):
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return max(1, min(1000, int(target_s / max(time.perf_counter() - t0, 1e-7))))
+
+
+def _sample(step, calls, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) / calls
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences the profiler's start/stop lines, written by C++ to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _peak_extra_bytes(step, device):
+    """Peak bytes allocated during one call (its results freed afterwards)."""
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch._C._profiler import _EventType
+
+    with _quiet_stderr(), torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        step()
+    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
+    current = peak = 0
+    for _, size in sorted(allocations):
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+def _moved_elements(K, n, mode):
+    fwd = (K + 1) * n
+    return fwd if mode == "fwd" else fwd + (2 * K + 1) * n
+
+
+def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
+    """Times `contenders` and the floor on one case; returns a result dict."""
+    gen = torch.Generator().manual_seed(0)
+    n = 1
+    for s in case.shape:
+        n *= s
+    need_grad = mode != "fwd"
+    logits = torch.randn(case.K, generator=gen).to(device).requires_grad_(need_grad)
+    xs = [torch.randn(case.shape, generator=gen).to(device, dtype).requires_grad_(need_grad) for _ in range(case.K)]
+    grad = torch.randn(case.shape, generator=gen).to(device, dtype) if need_grad else None
+
+    moved = _moved_elements(case.K, n, mode) * xs[0].element_size()
+    src = torch.ones(moved // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    steps = {"floor": lambda: dst.copy_(src)}
+    compile_s = None
+    for name in contenders:
+        if name == "compile":
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            step = _step(_contender(name), logits, xs, grad)
+            step()
+            _sync(device)
+            compile_s = time.perf_counter() - t0
+        else:
+            step = _step(_contender(name), logits, xs, grad)
+        steps[name] = step
+
+    for step in steps.values():  # warm-up
+        step()
+        step()
+    calls = {name: _calls_per_sample(step, device, target_s) for name, step in steps.items()}
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            samples[name].append(_sample(step, calls[name], device))
+    times = {name: statistics.median(s) for name, s in samples.items()}
+    del src, dst
+    steps.pop("floor")
+
+    floor = times["floor"]
+    result = {
+        "case": case.name,
+        "K": case.K,
+        "shape": list(case.shape),
+        "numel": n,
+        "dtype": str(dtype).replace("torch.", ""),
+        "mode": mode,
+        "moved_bytes": moved,
+        "floor_s": floor,
+        "contenders": {},
+    }
+    for name, step in steps.items():
+        entry = {
+            "time_s": times[name],
+            "ratio": times[name] / floor,
+            "peak_bytes": _peak_extra_bytes(step, device),
+        }
+        if name == "compile":
+            entry["compile_s"] = compile_s
+        result["contenders"][name] = entry
+    if log:
+        log(_row(result, contenders))
+    return result
+
+
+def run(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, contenders=CONTENDERS,
+        repeats=15, device="cpu", target_s=0.01, log=None):
+    """Runs the benchmark; returns the JSON-ready report."""
+    device = torch.device(device)
+    selected = [c for c in CASES if cases is None or c.name in cases]
+    if log:
+        log(_header(contenders))
+    results = [
+        run_one(case, DTYPES[dt], mode, contenders, repeats, device, target_s, log)
+        for case in selected
+        for dt in dtypes
+        for mode in modes
+    ]
+    return {"machine": machine_info(device), "repeats": repeats, "results": results}
+
+
+def machine_info(device):
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "extension_loaded": extension_loaded(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# --------------------------------------------------------------------------
+# Output.
+# --------------------------------------------------------------------------
+
+def _header(contenders):
+    cols = "".join(f"{name:>22}" for name in contenders)
+    return f"{'case':<14}{'K':>3} {'dtype':<9}{'mode':<8}{'floor us':>10}{cols}   (us, ratio to floor)"
+
+
+def _row(r, contenders):
+    cols = "".join(
+        f"{r['contenders'][n]['time_s'] * 1e6:>13.1f} {r['contenders'][n]['ratio']:>6.2f}x" for n in contenders
+    )
+    return f"{r['case']:<14}{r['K']:>3} {r['dtype']:<9}{r['mode']:<8}{r['floor_s'] * 1e6:>10.1f}{cols}"
+
+
+def memory_table(report):
+    """Peak extra memory per contender, in units of one input's size."""
+    results = report["results"]
+    contenders = list(results[0]["contenders"]) if results else []
+    lines = [f"{'case':<14}{'K':>3} {'dtype':<9}{'mode':<8}" + "".join(f"{n:>17}" for n in contenders)
+             + "   (peak extra memory, in inputs)"]
+    for r in results:
+        size = r["numel"] * (4 if r["dtype"] == "float32" else 2)
+        cols = "".join(f"{r['contenders'][n]['peak_bytes'] / size:>17.2f}" for n in contenders)
+        lines.append(f"{r['case']:<14}{r['K']:>3} {r['dtype']:<9}{r['mode']:<8}{cols}")
+    compiles = [f"{r['case']}/{r['dtype']}/{r['mode']}: {r['contenders']['compile']['compile_s']:.1f} s"
+                for r in results if "compile" in r["contenders"]]
+    if compiles:
+        lines.append("torch.compile time (excluded above): " + ", ".join(compiles))
+    return "\n".join(lines)
+
+
+def plot(report, path):
+    """Bar chart of the ratios to the floor, one panel per mode."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or simplex_param[plot])") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    modes = [m for m in MODES if any(r["mode"] == m for r in results)]
+    contenders = list(results[0]["contenders"])
+    fig, axes = plt.subplots(len(modes), 1, figsize=(11, 3.6 * len(modes)), squeeze=False)
+    width = 0.8 / len(contenders)
+    for ax, mode in zip(axes[:, 0], modes):
+        rows = [r for r in results if r["mode"] == mode]
+        for i, name in enumerate(contenders):
+            ax.bar([j + i * width for j in range(len(rows))],
+                   [r["contenders"][name]["ratio"] for r in rows], width, label=name)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel("time / copy floor")
+        ax.set_title(f"{mode} ({report['machine']['cpu']}, {report['machine']['torch_threads']} threads)")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+        ax.set_xticklabels([f"{r['case']}\nK={r['K']} {r['dtype']}" for r in rows], fontsize=8)
+    axes[0, 0].legend(ncol=len(contenders), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------
+
+def add_arguments(parser):
+    """Adds the bench options to `parser` (the ``bench`` subcommand)."""
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a reduced set ({', '.join(QUICK_CASES)}; float32), under a minute")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw the ratios with matplotlib (optional extra)")
+    parser.add_argument("--repeats", type=int, default=None, help="samples per median (default 15, quick 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="run only these cases")
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, help="run only these contenders")
+    return parser
+
+
+def main(argv=None) -> int:
+    """``python -m simplex_param bench``: runs the benchmark and prints the tables."""
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m simplex_param bench", description=__doc__.split("\n")[0]))
+    args = parser.parse_args(argv)
+    return _main(args)
+
+
+def _main(args) -> int:
+    if args.repeats is not None and args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("--plot needs matplotlib: pip install matplotlib (or simplex_param[plot])") from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    contenders = tuple(args.contenders or CONTENDERS)
+    report = run(
+        cases=args.cases or (QUICK_CASES if args.quick else None),
+        dtypes=("float32",) if args.quick else ("float32", "bfloat16"),
+        contenders=contenders,
+        repeats=args.repeats or (5 if args.quick else 15),
+        device=args.device,
+        target_s=0.003 if args.quick else 0.01,
+        log=lambda line: print(line, flush=True),
+    )
+    print()
+    print(memory_table(report))
+    m = report["machine"]
+    print(f"\n{m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
+          f"extension loaded: {m['extension_loaded']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

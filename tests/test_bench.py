@@ -1,0 +1,68 @@
+"""Smoke tests of the benchmark: it runs and its JSON has the documented shape.
+
+No timing assertions: speed is measured by the benchmark, not tested.
+"""
+import json
+
+import pytest
+
+from simplex_param import bench
+
+
+def _check_report(report, cases, contenders):
+    assert set(report) == {"machine", "repeats", "results"}
+    assert {"cpu", "cpu_count", "torch", "torch_threads", "extension_loaded"} <= set(report["machine"])
+    rows = report["results"]
+    assert [(r["case"], r["dtype"], r["mode"]) for r in rows] == [
+        (c, "float32", m) for c in cases for m in ("fwd", "fwd+bwd")
+    ]
+    for r in rows:
+        assert r["floor_s"] > 0 and r["moved_bytes"] > 0
+        assert list(r["contenders"]) == list(contenders)
+        for name, entry in r["contenders"].items():
+            assert entry["time_s"] > 0
+            assert entry["ratio"] == pytest.approx(entry["time_s"] / r["floor_s"])
+            assert ("compile_s" in entry) == (name == "compile")
+        # Measured, so at least the output (and the gradients) must show up.
+        size = r["numel"] * 4
+        extra = r["K"] * size if r["mode"] == "fwd+bwd" else 0
+        assert r["contenders"]["fused"]["peak_bytes"] >= size + extra
+
+
+def test_bench_quick_runs(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    contenders = ["fused", "eager", "stack+tensordot", "reference"]
+    argv = ["--quick", "--repeats", "1", "--cases", "multimodal", "--json", str(out), "--contenders", *contenders]
+    assert bench.main(argv) == 0
+    _check_report(json.loads(out.read_text()), ["multimodal"], contenders)
+    printed = capsys.readouterr().out
+    assert "multimodal" in printed and "peak extra memory" in printed
+
+
+@pytest.mark.slow
+def test_bench_quick_with_compile(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--repeats", "1", "--cases", "multimodal", "--json", str(out)]) == 0
+    _check_report(json.loads(out.read_text()), ["multimodal"], bench.CONTENDERS)
+
+
+def test_bench_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(["--cases", "no-such-case"])
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        bench.main(["--quick", "--plot", str(tmp_path / "b.png")])
