@@ -41,3 +41,14 @@ bench: setup
 
 clean:
 	rm -rf build *.egg-info simplex_param/_C*.so
+
+# The CUDA kernels built against a CUDA build of torch, in .venv-cuda and out
+# of tree, and their registration checked without a GPU (docs/cuda.md).
+.PHONY: cuda-build gpu-check
+cuda-build:
+	bash scripts/cuda_build_check.sh
+
+# One shot on a GPU machine without network: build, tests, benchmark,
+# compute-sanitizer; results in $$OUT or gpu-check-out/ (docs/cuda.md).
+gpu-check:
+	bash scripts/gpu_check.sh

@@ -1,7 +1,7 @@
 """CUDA-only cases of the fused operators: many inputs (several pointer
 chunks), unaligned and odd-sized inputs (the scalar path and the vector
-tail), bitwise determinism, the current stream, a second device, and CPU and
-CUDA tensors mixed. The device-generic cases are in test_ops.py."""
+tail), bitwise determinism, the current stream, a second device, and host and
+device tensors mixed. The device-generic cases are in test_ops.py."""
 import pytest
 import torch
 
@@ -141,7 +141,7 @@ def test_cuda_kernels_registered():
         assert has(f"simplex_param::{op}", "CUDA"), op
 
 
-def test_mixing_cpu_and_cuda_is_an_error():
+def test_mixing_host_and_device_tensors_is_an_error():
     x = torch.ones(4, device="cuda")
     with pytest.raises(ValueError, match="^logits is on device cpu but inputs are on device cuda:0$"):
         sp.softmax_weighted_sum(torch.zeros(2), [x, x])
@@ -152,7 +152,7 @@ def test_mixing_cpu_and_cuda_is_an_error():
 
 
 @pytest.mark.skipif(not COMPILED, reason="tests the compiled ops")
-def test_mixing_cpu_and_cuda_in_the_ops():
+def test_mixing_host_and_device_tensors_in_the_ops():
     ops = torch.ops.simplex_param
     x = torch.ones(4, device="cuda")
     with pytest.raises(ValueError, match="^logits is on device cpu but inputs are on device cuda:0$"):
