@@ -10,6 +10,10 @@ which has the same semantics and error messages. Environment variables:
     When no prebuilt extension imports, compile ``csrc/`` with
     :func:`torch.utils.cpp_extension.load` (needs the source tree and a C++
     compiler; the CUDA kernels too when torch has CUDA and nvcc is found).
+``SIMPLEX_PARAM_LIBRARY=path/to/lib.so``
+    Load the ops from this shared library instead of ``simplex_param._C``,
+    e.g. the AddressSanitizer build of ``make sanitize``. Failing to load it
+    is an error.
 """
 import glob
 import importlib
@@ -38,8 +42,8 @@ def _jit_load():
     cpp_extension.load(
         name="simplex_param_jit",
         sources=sources,
-        extra_cflags=["-O3", "-DNDEBUG", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo"],
+        extra_cflags=["-O3", "-DNDEBUG"],
+        extra_cuda_cflags=["-O3", "-lineinfo"],
         with_cuda=with_cuda,
         is_python_module=False,
         verbose=os.environ.get("SIMPLEX_PARAM_JIT_VERBOSE") == "1",
@@ -48,9 +52,13 @@ def _jit_load():
 
 
 def _load():
-    """Returns (how, error): how is "prebuilt", "jit" or None."""
+    """Returns (how, error): how is "library", "prebuilt", "jit" or None."""
     if os.environ.get("SIMPLEX_PARAM_DISABLE_EXTENSION", "0") not in ("", "0"):
         return None, "disabled by SIMPLEX_PARAM_DISABLE_EXTENSION"
+    library = os.environ.get("SIMPLEX_PARAM_LIBRARY", "")
+    if library:
+        torch.ops.load_library(library)
+        return "library", None
     try:
         importlib.import_module("simplex_param._C")
         return "prebuilt", None
