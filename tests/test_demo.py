@@ -1,0 +1,93 @@
+"""The demo, ``python -m simplex_param demo``, on small sizes: what it prints,
+that it recovers the true weights, and its command line."""
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from simplex_param import demo
+
+SMALL = ["--steps", "120", "--batch", "64", "--features", "256"]
+ROW = re.compile(r"^\s*(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", re.M)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def check_report(out, K):
+    """The weights table, the recovery verdict and the timings, as printed."""
+    rows = [tuple(float(v) for v in m.groups()) for m in ROW.finditer(out)]
+    assert [int(r[0]) for r in rows] == list(range(K))
+    true = [r[1] for r in rows]
+    learned = [r[2] for r in rows]
+    assert abs(sum(true) - 1) < 2e-3 and abs(sum(learned) - 1) < 2e-3
+    assert max(abs(a - b) for a, b in zip(learned, true)) < demo.TOLERANCE
+    # The fused and hand-written models learn the same weights.
+    assert all(abs(r[2] - r[3]) < 1e-3 for r in rows)
+    assert re.search(r"max \|learned - true\| = [0-9.]+ \(required < 0.02\): OK", out)
+    assert re.search(r"final loss: [0-9.]+ fused, [0-9.]+ hand-written \(noise floor 0.01000\)", out)
+    assert re.search(rf"branch 0 missing at inference: loss [0-9.]+ .* other {K - 1} ", out)
+    times = re.findall(r"^\s+(?:SimplexFusion|hand-written softmax \+ sum of w \* x)\s+([0-9.]+) ms$", out, re.M)
+    assert len(times) == 2 and all(float(t) > 0 for t in times)
+    assert re.search(r"SimplexFusion is [0-9.]+x the speed of the hand-written recipe \((faster|slower)\)", out)
+
+
+@pytest.mark.parametrize("progress", ["plain", "tqdm"])
+def test_demo_recovers_the_weights(progress, capsys, monkeypatch):
+    if progress == "plain":
+        monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now fails
+    else:
+        pytest.importorskip("tqdm")
+    rc = demo.run(parse(SMALL + ["--inputs", "3", "--seed", "1"]))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out
+    check_report(captured.out, K=3)
+    assert "training" in captured.err  # the progress report
+    if progress == "plain":
+        assert "training: 120/120 steps" in captured.err
+
+
+def test_demo_fails_when_the_weights_are_off(capsys):
+    # One step cannot learn the weights: the demo must say so and exit with 1.
+    rc = demo.run(parse(["--steps", "1", "--batch", "8", "--features", "8"]))
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert re.search(r"\(required < 0.02\): FAILED", out)
+
+
+def test_demo_command_line():
+    help_text = argparse.ArgumentParser()
+    demo.add_arguments(help_text)
+    text = help_text.format_help()
+    for option in ("--steps", "--inputs", "--seed", "--device", "--batch", "--features", "--lr"):
+        assert option in text
+    args = parse([])
+    assert (args.steps, args.inputs, args.seed, args.device) == (200, 4, 0, "cpu")
+    for bad in (["--inputs", "1"], ["--steps", "0"], ["--steps", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            parse(bad)
+        assert exc.value.code == 2
+
+
+def test_demo_rejects_a_bad_device(capsys):
+    assert demo.run(parse(SMALL + ["--device", "nonsense"])) == 2
+    assert "--device 'nonsense'" in capsys.readouterr().err
+
+
+def test_python_m_simplex_param_demo():
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "simplex_param", "demo", *SMALL, "--inputs", "5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_report(proc.stdout, K=5)
