@@ -185,10 +185,16 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
     compile_s = None
     for name in contenders:
         if name == "compile":
+            # A cold compile: no graphs kept from earlier cases, no on-disk caches.
+            import torch._functorch.config
+            import torch._inductor.config
+
             torch._dynamo.reset()
             t0 = time.perf_counter()
             step = _step(_contender(name), logits, xs, grad)
-            step()
+            with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
+                    torch._functorch.config.patch(enable_autograd_cache=False):
+                step()
             _sync(device)
             compile_s = time.perf_counter() - t0
         else:

@@ -216,9 +216,14 @@ void backward_kernel(
 // Weights as float64 on the host: softmax(logits / temperature) or the
 // weights as given.
 std::vector<double> host_weights(const at::Tensor& logits, bool softmax, double temperature) {
-  const at::Tensor l = logits.to(at::kDouble).contiguous();
-  const double* p = l.const_data_ptr<double>();
-  std::vector<double> w(p, p + l.numel());
+  // Read in place (a 1-D CPU tensor, any stride): no tensor op per call.
+  const at::Tensor l = at::isFloatingType(logits.scalar_type()) ? logits : logits.to(at::kDouble);
+  std::vector<double> w(l.size(0));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.scalar_type(), "host_weights", [&] {
+    const scalar_t* p = l.const_data_ptr<scalar_t>();
+    const int64_t stride = l.stride(0);
+    for (size_t k = 0; k < w.size(); ++k) w[k] = static_cast<double>(p[k * stride]);
+  });
   if (!softmax) return w;
   double m = -INFINITY;
   for (double& v : w) {
@@ -301,7 +306,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> backward(
       for (int64_t k = 0; k < K; ++k) pd += w64[k] * d[k];
       for (int64_t k = 0; k < K; ++k) d[k] = w64[k] * (d[k] - pd) / temperature;
     }
-    grad_logits = at::tensor(d, at::TensorOptions().dtype(at::kDouble)).to(logits.scalar_type());
+    const at::ScalarType dtype = logits.scalar_type();
+    if (dtype == at::kFloat || dtype == at::kDouble) {
+      grad_logits = at::empty({K}, logits.options());
+      AT_DISPATCH_FLOATING_TYPES(dtype, "grad_logits", [&] {
+        scalar_t* p = grad_logits.mutable_data_ptr<scalar_t>();
+        for (int64_t k = 0; k < K; ++k) p[k] = static_cast<scalar_t>(d[k]);
+      });
+    } else {
+      grad_logits = at::tensor(d, at::TensorOptions().dtype(at::kDouble)).to(dtype);
+    }
   }
   return {grad_logits, grad_inputs};
 }
