@@ -9,6 +9,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _ext, reference
@@ -83,6 +84,18 @@ def _has_kernel(device_type: str) -> bool:
     return _KERNEL_DEVICES.get(device_type, False)
 
 
+def _use_compiled(weights: Tensor, inputs: list) -> bool:
+    """Whether the compiled op can run this call. It has no batching rule and
+    no forward-mode derivative, so under a torch.func transform (vmap, grad,
+    jvp) or with a forward-mode tangent the reference, built from PyTorch
+    ops, runs instead."""
+    if not (inputs and _has_kernel(inputs[0].device.type)):
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return fwAD._current_level < 0 or all(fwAD.unpack_dual(t).tangent is None for t in (weights, *inputs))
+
+
 def softmax_weighted_sum(logits: Tensor, inputs, *, temperature: float = 1.0) -> Tensor:
     r"""Fused ``sum_k softmax(logits / temperature)[k] * inputs[k]``.
 
@@ -115,7 +128,7 @@ def softmax_weighted_sum(logits: Tensor, inputs, *, temperature: float = 1.0) ->
     inputs = _as_list(inputs)
     _check_tensor(logits, "logits")
     temperature = _check_temperature(temperature)
-    if inputs and _has_kernel(inputs[0].device.type):
+    if _use_compiled(logits, inputs):
         return torch.ops.simplex_param.softmax_weighted_sum(logits, inputs, temperature)
     _check_args(logits, inputs, "logits")
     return reference.softmax_weighted_sum(logits, inputs, temperature)
@@ -138,7 +151,7 @@ def weighted_sum(weights: Tensor, inputs) -> Tensor:
     """
     inputs = _as_list(inputs)
     _check_tensor(weights, "weights")
-    if inputs and _has_kernel(inputs[0].device.type):
+    if _use_compiled(weights, inputs):
         return torch.ops.simplex_param.weighted_sum(weights, inputs)
     _check_args(weights, inputs, "weights")
     return reference.weighted_sum(weights, inputs)
