@@ -42,13 +42,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$CUDA_TORCH_SPEC" ]; then
   "$PY" -m pip install -q "$CUDA_TORCH_SPEC" ninja pybind11 setuptools wheel
   echo "$CUDA_TORCH_SPEC" > "$STAMP"
 fi
-"$PY" -c "import torch, sys; print('cuda-build: torch', torch.__version__, 'CUDA', torch.version.cuda); sys.exit(0 if torch.version.cuda else 'cuda-build: this torch is not a CUDA build')"
+"$PY" -W "ignore:Failed to initialize NumPy" -c "import torch, sys; print('cuda-build: torch', torch.__version__, 'CUDA', torch.version.cuda); sys.exit(0 if torch.version.cuda else 'cuda-build: this torch is not a CUDA build')"
 
 # Out of tree: the library lands in $CUDA_BUILD_DIR/lib, the objects in
 # $CUDA_BUILD_DIR/temp; nothing is written next to the sources.
 rm -rf "$CUDA_BUILD_DIR/lib"
 start=$(date +%s)
-SIMPLEX_PARAM_WITH_CUDA=1 "$PY" setup.py -q build_ext \
+SIMPLEX_PARAM_WITH_CUDA=1 "$PY" -W "ignore:Failed to initialize NumPy" setup.py -q build_ext \
   --build-lib "$CUDA_BUILD_DIR/lib" --build-temp "$CUDA_BUILD_DIR/temp"
 echo "cuda-build: built in $(( $(date +%s) - start )) s for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 

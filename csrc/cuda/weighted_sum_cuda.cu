@@ -129,7 +129,7 @@ template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(
     Ptrs<const scalar_t, kFwdChunk> xs, int kc, const acc_t* __restrict__ w,
-    const acc_t* __restrict__ acc_in, acc_t* __restrict__ acc_out,
+    const acc_t* acc_in, acc_t* acc_out,  // the same buffer in middle chunks
     scalar_t* __restrict__ out, int64_t n) {
   __shared__ acc_t ws[kFwdChunk];
   if (threadIdx.x < kc) ws[threadIdx.x] = w[threadIdx.x];
@@ -193,7 +193,7 @@ backward_kernel(
     load<VV>(grad + i, g);
 #pragma unroll
     for (int k = 0; k < kBwdChunk; ++k) {
-      if (k >= kc) break;
+      if (k >= kc) continue;  // a constant trip count keeps dot[] in registers
       if (dxs.p[k] != nullptr) {
         acc_t d[VV];
 #pragma unroll
@@ -219,7 +219,7 @@ backward_kernel(
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int k = 0; k < kBwdChunk; ++k) {
-    if (k >= kc) break;
+    if (k >= kc) continue;
     const acc_t s = warp_sum(dot[k]);
     if (lane == 0) dots[k][warp] = s;
   }
