@@ -9,6 +9,7 @@ dtype, which for huge ``|logits / T|`` moves the weights by a bounded factor.
 Bounded and deterministic: a fixed number of examples, derandomized.
 """
 import math
+import os
 
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -231,3 +232,14 @@ def test_neg_inf_logits_have_zero_weight(K, neg, dtype, log_t):
         # The mean of k + 1 over the finite entries.
         assert torch.allclose(out.double(), torch.tensor((neg + 1 + K) / 2, dtype=torch.float64), **dict(
             zip(("rtol", "atol"), TOLERANCES[dtype])))
+
+
+def test_numerics_doc_matches_conftest():
+    # docs/numerics.md states the tolerances the tests use: keep them equal.
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "numerics.md")
+    with open(path) as f:
+        text = f.read()
+    num = lambda x: f"{x:g}".replace("e-0", "e-")  # noqa: E731  1e-05 -> 1e-5
+    for dtype, (rtol, atol) in TOLERANCES.items():
+        row = f"| {str(dtype).removeprefix('torch.')} | {num(rtol)} | {num(atol)} |"
+        assert row in text, f"docs/numerics.md lacks the row {row!r}"
