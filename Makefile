@@ -52,3 +52,9 @@ cuda-build:
 # compute-sanitizer; results in $$OUT or gpu-check-out/ (docs/cuda.md).
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# The CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer
+# (in build/sanitize/), and the operator tests run on them. docs/numerics.md.
+.PHONY: sanitize
+sanitize: $(DEPS)
+	PY=$(PY) scripts/sanitize.sh
