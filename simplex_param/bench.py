@@ -36,7 +36,7 @@ from . import reference
 from ._ext import extension_loaded
 from .ops import softmax_weighted_sum
 
-__all__ = ["main", "add_arguments", "run"]
+__all__ = ["main", "add_arguments", "run", "run_benchmark"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _eager(logits, xs):
 
 
 def _stack_tensordot(logits, xs):
-    return torch.tensordot(torch.softmax(logits, 0), torch.stack(xs), dims=1)
+    return torch.tensordot(torch.softmax(logits, 0).to(xs[0].dtype), torch.stack(xs), dims=1)
 
 
 def _contender(name):
@@ -186,14 +186,14 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
     for name in contenders:
         if name == "compile":
             # A cold compile: no graphs kept from earlier cases, no on-disk caches.
-            import torch._functorch.config
-            import torch._inductor.config
+            from torch._functorch import config as functorch_config
+            from torch._inductor import config as inductor_config
 
             torch._dynamo.reset()
             t0 = time.perf_counter()
             step = _step(_contender(name), logits, xs, grad)
-            with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
-                    torch._functorch.config.patch(enable_autograd_cache=False):
+            with inductor_config.patch(fx_graph_cache=False, autotune_local_cache=False), \
+                    functorch_config.patch(enable_autograd_cache=False):
                 step()
             _sync(device)
             compile_s = time.perf_counter() - t0
@@ -239,7 +239,7 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
     return result
 
 
-def run(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, contenders=CONTENDERS,
+def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, contenders=CONTENDERS,
         repeats=15, device="cpu", target_s=0.01, log=None):
     """Runs the benchmark; returns the JSON-ready report."""
     device = torch.device(device)
@@ -362,11 +362,11 @@ def add_arguments(parser):
 def main(argv=None) -> int:
     """``python -m simplex_param bench``: runs the benchmark and prints the tables."""
     parser = add_arguments(argparse.ArgumentParser(prog="python -m simplex_param bench", description=__doc__.split("\n")[0]))
-    args = parser.parse_args(argv)
-    return _main(args)
+    return run(parser.parse_args(argv))
 
 
-def _main(args) -> int:
+def run(args) -> int:
+    """Runs the benchmark for the parsed options of :func:`add_arguments`."""
     if args.repeats is not None and args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -379,7 +379,7 @@ def _main(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     contenders = tuple(args.contenders or CONTENDERS)
-    report = run(
+    report = run_benchmark(
         cases=args.cases or (QUICK_CASES if args.quick else None),
         dtypes=("float32",) if args.quick else ("float32", "bfloat16"),
         contenders=contenders,

@@ -9,9 +9,10 @@
 //
 // The loops are plain C++ that the compiler vectorises. On x86-64 they are
 // compiled twice, for the baseline ISA and with AVX2, and the AVX2 copy is
-// chosen at run time when the CPU has it; floating-point contraction is off
-// (ISO C++ mode) and the dot products keep kLanes fixed partial sums, so
-// both copies give bitwise the same results. Blocks depend on the element
+// chosen at run time when the CPU has it (AVX2 without FMA: neither copy
+// can contract a * b + c, and the dot products keep kLanes fixed partial
+// sums, so both copies give bitwise the same results). The op is memory
+// bound: wider vectors matter only while the data sits in cache. Blocks depend on the element
 // count only, never on the number of threads, and the per-block partial dot
 // products are summed in block order: results are reproducible.
 #include <ATen/Dispatch.h>
