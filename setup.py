@@ -39,9 +39,10 @@ def extensions():
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
-    kwargs = dict(extra_compile_args={"cxx": cxx + ["-std=c++17"]})
+    # No -std flag: torch adds the C++ standard its own headers need.
+    kwargs = dict(extra_compile_args={"cxx": cxx})
     if _with_cuda(cuda_sources):
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo"]
         return [CUDAExtension("simplex_param._C", sources + cuda_sources, **kwargs)]
     return [CppExtension("simplex_param._C", sources, **kwargs)]
 
