@@ -46,5 +46,6 @@ export SIMPLEX_PARAM_LIBRARY="$LIB"
 unset SIMPLEX_PARAM_DISABLE_EXTENSION
 "$PY" -c "import simplex_param._ext as e, sys; sys.exit(0 if e.LOADED_FROM == 'library' else 'sanitized library not loaded')"
 # --capture=sys: a sanitizer report goes to the real stderr, not a capture file.
-exec "$PY" -m pytest -q -p no:cacheprovider --capture=sys \
+# The resident-memory test is left out: ASan keeps freed memory in quarantine.
+exec "$PY" -m pytest -q -p no:cacheprovider --capture=sys -k "not memory_stays_flat" \
     tests/test_ops.py tests/test_properties.py tests/test_reliability.py "$@"
