@@ -82,7 +82,9 @@ class Simplex(nn.Module):
     * any other finite ``value`` is taken as the pre-weights themselves. So
       registering on a freshly initialised parameter keeps its values as
       pre-weights, as in the classic recipe;
-    * a ``value`` with NaN or inf raises ``ValueError``.
+    * a ``value`` with NaN or inf raises ``ValueError``, and so does a value
+      whose shape differs from that of the tensor the parametrization was
+      registered on.
 
     Args:
         dim (int or None, optional): the dimension along which entries sum to
@@ -116,6 +118,8 @@ class Simplex(nn.Module):
         super().__init__()
         self.dim = _check_dim_type(dim)
         self.temperature = ops._check_temperature(temperature)
+        # The shape of the tensor registered with; later assignments must keep it.
+        self.shape: Optional[torch.Size] = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, temperature={self.temperature}"
@@ -142,6 +146,13 @@ class Simplex(nn.Module):
     def right_inverse(self, Y: Tensor) -> Tensor:
         _check_floating(Y, "the parametrized tensor")
         _check_dim_range(self.dim, Y.dim())
+        if self.shape is None:
+            self.shape = Y.shape
+        elif Y.shape != self.shape:
+            raise ValueError(
+                f"Simplex.right_inverse: expected a value of shape {list(self.shape)}, the shape of the "
+                f"parametrized tensor, got {list(Y.shape)}"
+            )
         if Y.device.type == "meta":  # no values to inspect: pre-weights
             return Y.clone()
         Yc = Y.to(_compute_dtype(Y.dtype))
