@@ -12,7 +12,10 @@ import math
 import os
 import re
 
+import pytest
 import torch
+
+pytest.importorskip("hypothesis", reason="the property tests need hypothesis (requirements-dev.txt)")
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import simplex_param as sp
