@@ -310,3 +310,11 @@ def test_device_mismatch_meta():
     # Runs without a GPU: the meta device stands in for a second device.
     with pytest.raises(ValueError, match=r"logits is on device meta but inputs are on device cpu"):
         sp.softmax_weighted_sum(torch.zeros(1, device="meta"), [_x(2)])
+
+
+def test_zero_size_nan_logits_give_nan_gradient(device):
+    # d = 0 for empty inputs, so the logits' gradient is p * (0 - <p, 0>): NaN where p is.
+    logits = torch.tensor([float("nan"), 0.0], device=device, requires_grad=True)
+    xs = [torch.empty(0, device=device, requires_grad=True) for _ in range(2)]
+    sp.softmax_weighted_sum(logits, xs).sum().backward()
+    assert torch.isnan(logits.grad).all()

@@ -261,13 +261,11 @@ bool aligned(const void* p) {
 
 // Blocks of a streaming launch: enough to fill the device, then grid-stride.
 int64_t num_blocks(int64_t n, int vec) {
-  static int sms[64] = {0};
+  // An attribute query: no synchronisation, and no cache to share between threads.
   int dev = 0;
+  int count = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  int& count = sms[dev % 64];
-  if (count == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
-  }
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
   const int64_t wanted = (n / vec + kThreads - 1) / kThreads;
   return std::max<int64_t>(1, std::min<int64_t>(wanted, static_cast<int64_t>(count) * (2048 / kThreads)));
 }
@@ -386,7 +384,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> backward(
   }
   at::Tensor grad_logits = at::empty({0}, logits.options());
   if (n == 0) {
-    if (logits_requires_grad) grad_logits = at::zeros({K}, logits.options());
+    // d = 0: the gradient is p (0 - <p, 0>) / T, which is zero, or NaN where
+    // the weights are NaN, as on the CPU.
+    if (logits_requires_grad) {
+      grad_logits = softmax
+          ? device_weights(logits, acc_type(grad.scalar_type()), true, temperature, stream)
+                .mul(0)
+                .to(logits.scalar_type())
+          : at::zeros({K}, logits.options());
+    }
     return {grad_logits, grad_inputs};
   }
   if (!logits_requires_grad && !any_x) return {grad_logits, grad_inputs};
