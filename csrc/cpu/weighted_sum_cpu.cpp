@@ -48,8 +48,7 @@
 namespace simplex_param {
 namespace {
 
-// Blocks of the backward's partial dot products (and of the parallel split).
-constexpr int64_t kBlock = 4096;
+constexpr int64_t kBlock = 2048;
 constexpr int kLanes = 16;
 
 int64_t num_blocks(int64_t n) {
@@ -87,31 +86,59 @@ SIMPLEX_PARAM_INLINE void store(c10::BFloat16* p, int64_t i, float v) {
   p[i].x = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
 }
 
-// Forward over blocks [b0, b1): out = sum_k w[k] * xs[k]. Each chunk of
-// kLanes elements is summed over all K inputs in registers, so the K input
-// streams advance together (as in the loop torch.compile generates); one
-// input after another over long runs read at about 60% of the bandwidth.
+// acc (+)= sum over r < R of w[r] * x[r][i], for i < len: R input streams
+// advance together.
+template <int R, bool First, typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_INLINE void accumulate(
+    acc_t* acc, const scalar_t* const* xs, const acc_t* w, int64_t start, int64_t len) {
+  const scalar_t* x[R];
+  acc_t wr[R];
+  for (int r = 0; r < R; ++r) {
+    x[r] = xs[r] + start;
+    wr[r] = w[r];
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    acc_t a = First ? wr[0] * load(x[0], i) : acc[i] + wr[0] * load(x[0], i);
+    for (int r = 1; r < R; ++r) a = a + wr[r] * load(x[r], i);
+    acc[i] = a;
+  }
+}
+
+// Forward over blocks [b0, b1): out = sum_k w[k] * xs[k]. The block's
+// accumulator lives on the stack (L1) and takes up to four inputs per pass,
+// so that four input streams advance together: one stream at a time reads
+// at about 60% of the copy bandwidth here, and all K at once (K up to 25)
+// overflows the prefetchers (docs/benchmarks.md).
 template <typename scalar_t, typename acc_t>
 SIMPLEX_PARAM_INLINE void forward_blocks(
     const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t n,
     int64_t b0, int64_t b1) {
-  const int64_t end = std::min(b1 * kBlock, n);
-  int64_t i = b0 * kBlock;
-  for (; i + kLanes <= end; i += kLanes) {
-    acc_t a[kLanes];
-    const scalar_t* x = xs[0] + i;
-    for (int j = 0; j < kLanes; ++j) a[j] = w[0] * load(x, j);
-    for (int64_t k = 1; k < K; ++k) {
-      const scalar_t* xk = xs[k] + i;
-      const acc_t wk = w[k];
-      for (int j = 0; j < kLanes; ++j) a[j] = a[j] + wk * load(xk, j);
+  alignas(64) acc_t acc[kBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * kBlock;
+    const int64_t len = std::min(kBlock, n - start);
+    for (int64_t k = 0; k < K; k += 4) {
+      const bool first = k == 0;
+      switch (std::min<int64_t>(4, K - k)) {
+        case 4:
+          first ? accumulate<4, true>(acc, xs + k, w + k, start, len)
+                : accumulate<4, false>(acc, xs + k, w + k, start, len);
+          break;
+        case 3:
+          first ? accumulate<3, true>(acc, xs + k, w + k, start, len)
+                : accumulate<3, false>(acc, xs + k, w + k, start, len);
+          break;
+        case 2:
+          first ? accumulate<2, true>(acc, xs + k, w + k, start, len)
+                : accumulate<2, false>(acc, xs + k, w + k, start, len);
+          break;
+        default:
+          first ? accumulate<1, true>(acc, xs + k, w + k, start, len)
+                : accumulate<1, false>(acc, xs + k, w + k, start, len);
+      }
     }
-    for (int j = 0; j < kLanes; ++j) store(out + i, j, a[j]);
-  }
-  for (; i < end; ++i) {
-    acc_t a = w[0] * load(xs[0], i);
-    for (int64_t k = 1; k < K; ++k) a = a + w[k] * load(xs[k], i);
-    store(out, i, a);
+    scalar_t* o = out + start;
+    for (int64_t i = 0; i < len; ++i) store(o, i, acc[i]);
   }
 }
 
