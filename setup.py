@@ -39,8 +39,10 @@ def extensions():
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
-    # No -std flag: torch adds the C++ standard its own headers need.
-    kwargs = dict(extra_compile_args={"cxx": cxx})
+    # at::parallel_for is an inline OpenMP loop: without -fopenmp the kernels
+    # would run on one thread. No -std flag: torch adds the one its headers need.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    kwargs = dict(extra_compile_args={"cxx": cxx + openmp}, extra_link_args=openmp)
     if _with_cuda(cuda_sources):
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo"]
         return [CUDAExtension("simplex_param._C", sources + cuda_sources, **kwargs)]

@@ -23,7 +23,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 
 # cpp_extension.load also loads what it builds, hence the preload; the
 # compiler it runs must not inherit it.
-FLAGS='["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]'
+FLAGS='["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-fopenmp"]'
 LD_PRELOAD="$ASAN_LIB" "$PY" - <<PYEOF
 import glob, os
 os.environ.pop("LD_PRELOAD")
@@ -33,7 +33,7 @@ cpp_extension.load(
     sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
     build_directory="$BUILD",
     extra_cflags=$FLAGS,
-    extra_ldflags=["-fsanitize=address,undefined"],
+    extra_ldflags=["-fsanitize=address,undefined", "-fopenmp"],
     is_python_module=False,
     with_cuda=False,
 )

@@ -39,10 +39,13 @@ def _jit_load():
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         sources += cuda_sources
+    # -fopenmp: at::parallel_for is an inline OpenMP loop (see setup.py).
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     cpp_extension.load(
         name="simplex_param_jit",
         sources=sources,
-        extra_cflags=["-O3", "-DNDEBUG"],
+        extra_cflags=["-O3", "-DNDEBUG", *openmp],
+        extra_ldflags=openmp,
         extra_cuda_cflags=["-O3", "-lineinfo"],
         with_cuda=with_cuda,
         is_python_module=False,
