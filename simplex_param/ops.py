@@ -23,14 +23,20 @@ _OPS = ("softmax_weighted_sum", "weighted_sum", "_softmax_weighted_sum_backward"
 # Argument checks. The messages are word for word those of csrc/validation.cpp.
 # --------------------------------------------------------------------------
 
-def _as_list(inputs) -> list:
-    """`inputs` as a list of tensors; a single tensor is split (as views) along dim 0."""
+def _check_container(inputs) -> None:
+    """`inputs` must be a sequence, or a tensor with a first dimension K."""
     if isinstance(inputs, Tensor):
         if inputs.dim() == 0:
             raise ValueError("inputs given as a single tensor must have a first dimension K, got a 0-D tensor")
-        return list(inputs.unbind(0))
-    if not isinstance(inputs, Sequence) or isinstance(inputs, (str, bytes)):
+    elif not isinstance(inputs, Sequence) or isinstance(inputs, (str, bytes)):
         raise TypeError(f"inputs must be a list or tuple of tensors, or one tensor, got {type(inputs).__name__}")
+
+
+def _as_list(inputs) -> list:
+    """`inputs` as a list of tensors; a single tensor is split (as views) along dim 0."""
+    _check_container(inputs)
+    if isinstance(inputs, Tensor):
+        return list(inputs.unbind(0))
     for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):
             raise TypeError(f"inputs[{i}] must be a Tensor, got {type(x).__name__}")

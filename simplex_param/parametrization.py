@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import ops
+from .reference import acc_dtype
 
 __all__ = ["Simplex", "simplex", "combine"]
 
@@ -26,11 +27,6 @@ _SUM_TOLERANCE = {
     torch.float16: 1e-2,
     torch.bfloat16: 3e-2,
 }
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_dim_type(dim) -> Optional[int]:
@@ -125,7 +121,7 @@ class Simplex(nn.Module):
         return f"dim={self.dim}, temperature={self.temperature}"
 
     def forward(self, X: Tensor) -> Tensor:
-        Xc = X.to(_compute_dtype(X.dtype)) / self.temperature
+        Xc = X.to(acc_dtype(X.dtype)) / self.temperature
         if self.dim is None:
             W = torch.softmax(Xc.reshape(-1), dim=0).reshape(X.shape)
         else:
@@ -155,7 +151,7 @@ class Simplex(nn.Module):
             )
         if Y.device.type == "meta":  # no values to inspect: pre-weights
             return Y.clone()
-        Yc = Y.to(_compute_dtype(Y.dtype))
+        Yc = Y.to(acc_dtype(Y.dtype))
         if not bool(torch.isfinite(Yc).all()):
             raise ValueError(
                 "Simplex.right_inverse: the value contains NaN or inf; expected probabilities "
