@@ -1,29 +1,29 @@
-// Operator schemas of the simplex_param library, and the stub that lets
-// `import simplex_param._C` load this shared object. Kernels live in
-// cpu/ and cuda/, one file per backend; autograd and fake kernels are
-// registered from Python (simplex_param/ops.py).
-#include <Python.h>
+// Operator schemas of the simplex_param library.
+//
+//   weighted_sum            the contraction, out = sum_k w[..., k] * x_k:
+//                           kernels per backend (cpu/, cuda/), autograd in
+//                           autograd.cpp
+//   simplex_weighted_sum    a weight map over the last dimension of the
+//                           logits (softmax, identity: the registry in
+//                           maps.cpp) composed with the contraction;
+//                           autograd in autograd.cpp
+//   softmax_weighted_sum    simplex_weighted_sum with the softmax map
+// Fake kernels for torch.compile are registered from Python
+// (simplex_param/ops.py); the module `simplex_param._C` is python_module.cpp.
 #include <torch/library.h>
 
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
-
 TORCH_LIBRARY(simplex_param, m) {
-  m.def("softmax_weighted_sum(Tensor logits, Tensor[] inputs, float temperature=1.0) -> Tensor");
+  // weights: (K,) shared by every element, or (*P, K) with P a leading
+  // prefix of the inputs' shape.
   m.def("weighted_sum(Tensor weights, Tensor[] inputs) -> Tensor");
-  // Backward ops. `inputs` may be empty when the logits/weights need no
-  // gradient; `inputs_requires_grad` has one entry per input, and the
-  // gradients of inputs that need none are returned as empty tensors.
-  m.def(
-      "_softmax_weighted_sum_backward(Tensor grad, Tensor logits, Tensor[] inputs, "
-      "float temperature, bool logits_requires_grad, bool[] inputs_requires_grad) "
-      "-> (Tensor, Tensor[])");
+  // `inputs` may be empty when the weights need no gradient. One entry of
+  // `inputs_requires_grad` per input; gradients not asked for are empty.
   m.def(
       "_weighted_sum_backward(Tensor grad, Tensor weights, Tensor[] inputs, "
       "bool weights_requires_grad, bool[] inputs_requires_grad) -> (Tensor, Tensor[])");
+  // sum_k map(logits / temperature)[..., k] * x_k, for a map of maps.cpp.
+  m.def(
+      "simplex_weighted_sum(Tensor logits, Tensor[] inputs, str map=\"softmax\", "
+      "float temperature=1.0) -> Tensor");
+  m.def("softmax_weighted_sum(Tensor logits, Tensor[] inputs, float temperature=1.0) -> Tensor");
 }

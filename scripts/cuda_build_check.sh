@@ -64,8 +64,9 @@ import torch
 
 lib = sys.argv[1]
 torch.ops.load_library(lib)
-ops = ["softmax_weighted_sum", "weighted_sum", "_softmax_weighted_sum_backward", "_weighted_sum_backward"]
-has = torch._C._dispatch_has_kernel_for_dispatch_key
+ops = ["weighted_sum", "_weighted_sum_backward", "_simplex_map", "_simplex_map_backward", "softmax_weighted_sum"]
+# A kernel for the key itself or, for the composite ops, through an alias key.
+has = torch._C._dispatch_has_computed_kernel_for_dispatch_key
 missing = [f"{op} ({key})" for op in ops for key in ("CUDA", "CPU") if not has(f"simplex_param::{op}", key)]
 if missing:
     sys.exit("cuda-build: FAILED: no kernel registered for " + ", ".join(missing))

@@ -137,8 +137,8 @@ import sys, torch
 import simplex_param as sp
 from simplex_param import _ext
 print('loaded from:', _ext.LOADED_FROM, '| error:', _ext.LOAD_ERROR)
-has = torch._C._dispatch_has_kernel_for_dispatch_key
-ops = ['softmax_weighted_sum', 'weighted_sum', '_softmax_weighted_sum_backward', '_weighted_sum_backward']
+has = torch._C._dispatch_has_computed_kernel_for_dispatch_key
+ops = sp.ops.OPS
 missing = [op for op in ops if not has('simplex_param::' + op, 'CUDA')]
 x = [torch.ones(3, device='cuda') for _ in range(2)]
 print('smoke:', sp.softmax_weighted_sum(torch.zeros(2, device='cuda'), x).tolist())

@@ -5,7 +5,7 @@ softmax-and-weighted-sum operator (C++/CUDA kernels registered with
 ``torch.library``, with a pure-PyTorch fallback), and fusion layers built on it.
 """
 from ._ext import extension_loaded
-from .ops import softmax_weighted_sum, weighted_sum
+from .ops import simplex_weighted_sum, softmax_weighted_sum, weighted_sum
 from .parametrization import Simplex, combine, simplex
 from .layers import LazySimplexFusion, ScalarMix, SimplexFusion
 
@@ -16,6 +16,7 @@ __all__ = [
     "combine",
     "simplex",
     "extension_loaded",
+    "simplex_weighted_sum",
     "softmax_weighted_sum",
     "weighted_sum",
     "SimplexFusion",

@@ -63,7 +63,8 @@ def _load():
         torch.ops.load_library(library)
         return "library", None
     try:
-        importlib.import_module("simplex_param._C")
+        global MODULE
+        MODULE = importlib.import_module("simplex_param._C")
         return "prebuilt", None
     except (ImportError, OSError) as exc:
         error = exc
@@ -79,6 +80,9 @@ def _load():
     return None, str(error)
 
 
+# The module simplex_param._C when it was imported: its functions are direct
+# entry points to the ops (csrc/python_module.cpp).
+MODULE = None
 LOADED_FROM, LOAD_ERROR = _load()
 
 

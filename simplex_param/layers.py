@@ -20,7 +20,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
-from . import ops
+from . import checks, ops
 from .parametrization import Simplex
 
 __all__ = ["SimplexFusion", "LazySimplexFusion", "ScalarMix"]
@@ -44,8 +44,13 @@ def _check_probability(p) -> float:
 
 def _num_entries(inputs) -> int:
     """K of a list/tuple of inputs (``None`` entries included) or of a tensor of shape (K, ...)."""
-    ops._check_container(inputs)
-    return inputs.shape[0] if isinstance(inputs, Tensor) else len(inputs)
+    if isinstance(inputs, Tensor):
+        if inputs.dim() == 0:
+            raise ValueError("inputs given as a single tensor must have a first dimension K, got a 0-D tensor")
+        return inputs.shape[0]
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+        raise TypeError(f"inputs must be a list or tuple of tensors, or one tensor, got {type(inputs).__name__}")
+    return len(inputs)
 
 
 def _drop_logits(logits: Tensor, p: float) -> Tensor:
@@ -138,7 +143,7 @@ class SimplexFusion(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.temperature = ops._check_temperature(temperature)
+        self.temperature = checks.check_float_temperature(temperature)
         self.weight_dropout = _check_probability(weight_dropout)
         if bias:
             self.bias = nn.Parameter(torch.zeros((), **factory))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import ops
+from . import checks, ops
 from .reference import acc_dtype
 
 __all__ = ["Simplex", "simplex", "combine"]
@@ -113,7 +113,7 @@ class Simplex(nn.Module):
     def __init__(self, dim: Optional[int] = -1, temperature: float = 1.0) -> None:
         super().__init__()
         self.dim = _check_dim_type(dim)
-        self.temperature = ops._check_temperature(temperature)
+        self.temperature = checks.check_float_temperature(temperature)
         # The shape of the tensor registered with; later assignments must keep it.
         self.shape: Optional[torch.Size] = None
 

@@ -1,12 +1,13 @@
-r"""Pure-PyTorch twins of the fused ops.
+r"""Pure-PyTorch twins of the compiled ops.
 
-They have the signatures and semantics of the compiled ops in
-:mod:`simplex_param.ops`, are used when the extension is not loaded, and are
-the oracle the tests compare the kernels against. They are built from
-differentiable PyTorch ops, so autograd (to any order) and ``torch.compile``
-work through them.
+They have the signatures and semantics of the ops in ``csrc/``, are used when
+the extension is not loaded, and are the oracle the tests compare the kernels
+against. They are built from differentiable PyTorch ops, so autograd (to any
+order, forward mode included), ``torch.func`` and ``torch.compile`` work
+through them.
 
-Shapes: ``weights: (K,)``, ``inputs: K tensors of shape (...)``, result ``(...)``.
+Shapes: ``weights: (K,)`` or ``(*P, K)`` with ``P`` a leading prefix of the
+inputs' shape ``S``; ``inputs: K tensors of shape S``; result ``S``.
 """
 import torch
 from torch import Tensor
@@ -18,42 +19,37 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def weighted_sum(weights: Tensor, inputs: list[Tensor]) -> Tensor:
-    r"""``sum_k weights[k] * inputs[k]``, accumulated in float32 (float64 for float64 inputs)."""
+    r"""``sum_k weights[..., k] * inputs[k]``, the weights broadcast over the
+    inputs' trailing dimensions, accumulated in float32 (float64 for float64 inputs)."""
     dtype = inputs[0].dtype
     acc = acc_dtype(dtype)
     w = weights.to(acc)
-    out = w[0] * inputs[0].to(acc)
+    row_shape = w.shape[:-1] + (1,) * (inputs[0].dim() - (w.dim() - 1))
+    out = w[..., 0].reshape(row_shape) * inputs[0].to(acc)
     for k in range(1, len(inputs)):
-        out = out + w[k] * inputs[k].to(acc)
+        out = out + w[..., k].reshape(row_shape) * inputs[k].to(acc)
     return out.to(dtype)
 
 
-def simplex_weights(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    """``softmax(logits / temperature)`` in the accumulation dtype of inputs of `dtype`."""
-    return torch.softmax(logits.to(acc_dtype(dtype)) / temperature, dim=0)
+# The weight maps over the last dimension: twins of the registry in csrc/maps.cpp.
+def _softmax(z: Tensor, temperature: float) -> Tensor:
+    return torch.softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+
+
+def _identity(z: Tensor, temperature: float) -> Tensor:
+    return z.clone() if temperature == 1.0 else z / temperature
+
+
+MAPS = {"softmax": _softmax, "identity": _identity}
+
+
+def simplex_weighted_sum(logits: Tensor, inputs: list[Tensor], map: str = "softmax", temperature: float = 1.0) -> Tensor:
+    r"""``sum_k map(logits / temperature)[..., k] * inputs[k]``, the map taken
+    in the accumulation dtype."""
+    z = logits.to(acc_dtype(inputs[0].dtype))
+    return weighted_sum(MAPS[map](z, temperature), inputs)
 
 
 def softmax_weighted_sum(logits: Tensor, inputs: list[Tensor], temperature: float = 1.0) -> Tensor:
-    r"""``sum_k softmax(logits / temperature)[k] * inputs[k]``."""
-    return weighted_sum(simplex_weights(logits, temperature, inputs[0].dtype), inputs)
-
-
-def weighted_sum_backward(grad, weights, inputs, weights_requires_grad, inputs_requires_grad, softmax, temperature=1.0):
-    """The backward of both ops from differentiable PyTorch ops (used for double backward).
-
-    Returns ``(grad_weights or None, [grad_input_k or None])``; the gradients of
-    inputs are ``w_k * grad``, that of the weights ``d_k = <grad, x_k>``, passed
-    through the softmax Jacobian ``p * (d - <p, d>) / T`` for the softmax op.
-    """
-    dtype = grad.dtype
-    acc = acc_dtype(dtype)
-    w = simplex_weights(weights, temperature, dtype) if softmax else weights.to(acc)
-    g = grad.to(acc)
-    grad_inputs = [(w[k] * g).to(dtype) if need else None for k, need in enumerate(inputs_requires_grad)]
-    grad_weights = None
-    if weights_requires_grad:
-        d = torch.stack([(g * x.to(acc)).sum() for x in inputs])
-        if softmax:
-            d = w * (d - (w * d).sum()) / temperature
-        grad_weights = d.to(weights.dtype)
-    return grad_weights, grad_inputs
+    r"""``sum_k softmax(logits / temperature)[..., k] * inputs[k]``."""
+    return simplex_weighted_sum(logits, inputs, "softmax", temperature)

@@ -12,9 +12,9 @@ from conftest import COMPILED, DTYPES, assert_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# The kernels take the input pointers in chunks of 64 (forward) and 16
+# The kernels take the input pointers in chunks of 32 (forward) and 16
 # (backward): these K cover one, exactly one full, and several chunks.
-KS = [1, 16, 17, 64, 65, 100]
+KS = [1, 16, 17, 32, 33, 100]
 
 
 def grads(out, leaves, g):
@@ -46,6 +46,18 @@ def test_many_inputs(kind, K):
     torch.manual_seed(K)
     xs = [torch.randn(1000, 3, device="cuda", requires_grad=True) for _ in range(K)]
     logits = torch.randn(K, device="cuda", requires_grad=True)
+    check_against_reference(kind, logits, xs, [logits, *xs])
+
+
+@pytest.mark.parametrize("kind", ["softmax", "plain"])
+@pytest.mark.parametrize("rows,row_len", [(3, 20001), (7, 8), (5, 7), (1000, 1), (2, 8192)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_sample_rows(kind, rows, row_len, dtype):
+    # Long rows (several tiles, a partial last one), rows a multiple of the
+    # vector width or not (the scalar path), many one-element rows.
+    torch.manual_seed(rows)
+    xs = [torch.randn(rows, row_len, device="cuda", dtype=dtype, requires_grad=True) for _ in range(5)]
+    logits = torch.randn(rows, 5, device="cuda", requires_grad=True)
     check_against_reference(kind, logits, xs, [logits, *xs])
 
 
@@ -136,16 +148,16 @@ def test_second_device():
 
 @pytest.mark.skipif(not COMPILED, reason="tests the compiled ops")
 def test_cuda_kernels_registered():
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    for op in ("softmax_weighted_sum", "weighted_sum", "_softmax_weighted_sum_backward", "_weighted_sum_backward"):
+    has = torch._C._dispatch_has_computed_kernel_for_dispatch_key
+    for op in sp.ops.OPS:
         assert has(f"simplex_param::{op}", "CUDA"), op
 
 
 def test_mixing_host_and_device_tensors_is_an_error():
     x = torch.ones(4, device="cuda")
-    with pytest.raises(ValueError, match="^logits is on device cpu but inputs are on device cuda:0$"):
+    with pytest.raises(ValueError, match=r"^logits is on device cpu but inputs\[0\] is on device cuda:0$"):
         sp.softmax_weighted_sum(torch.zeros(2), [x, x])
-    with pytest.raises(ValueError, match="^weights is on device cuda:0 but inputs are on device cpu$"):
+    with pytest.raises(ValueError, match=r"^weights is on device cuda:0 but inputs\[0\] is on device cpu$"):
         sp.weighted_sum(torch.zeros(2, device="cuda"), [x.cpu(), x.cpu()])
     with pytest.raises(ValueError, match=r"^inputs\[2\] is on device cpu but inputs\[0\] is on device cuda:0$"):
         sp.softmax_weighted_sum(torch.zeros(3, device="cuda"), [x, x, x.cpu()])
@@ -155,12 +167,12 @@ def test_mixing_host_and_device_tensors_is_an_error():
 def test_mixing_host_and_device_tensors_in_the_ops():
     ops = torch.ops.simplex_param
     x = torch.ones(4, device="cuda")
-    with pytest.raises(ValueError, match="^logits is on device cpu but inputs are on device cuda:0$"):
+    with pytest.raises(ValueError, match=r"^logits is on device cpu but inputs\[0\] is on device cuda:0$"):
         ops.softmax_weighted_sum(torch.zeros(2), [x, x], 1.0)
-    with pytest.raises(ValueError, match="^grad is on device cpu but weights are on device cuda:0$"):
+    with pytest.raises(ValueError, match="^weights is on device cuda:0 but grad is on device cpu$"):
         ops._weighted_sum_backward(torch.ones(4), torch.zeros(2, device="cuda"), [], False, [True, True])
     with pytest.raises(ValueError, match=r"^inputs\[1\] is on device cpu but inputs\[0\] is on device cuda:0$"):
-        ops._softmax_weighted_sum_backward(x, torch.zeros(2, device="cuda"), [x, x.cpu()], 1.0, True, [False, False])
+        ops._weighted_sum_backward(x, torch.zeros(2, device="cuda"), [x, x.cpu()], True, [False, False])
 
 
 @pytest.mark.skipif(not COMPILED, reason="tests the compiled ops")

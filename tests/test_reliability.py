@@ -154,9 +154,11 @@ def test_non_tensor_in_inputs(bad, i, kind):
 def test_non_tensor_weights_and_inputs():
     with pytest.raises(TypeError, match="logits must be a Tensor, got list"):
         sp.softmax_weighted_sum([0.0, 0.0], [torch.ones(2)] * 2)
-    with pytest.raises(TypeError, match="inputs must be a list or tuple of tensors, or one tensor, got str"):
+    with pytest.raises(TypeError, match="inputs must be an iterable of tensors, or one tensor, got str"):
         sp.weighted_sum(torch.zeros(2), "ab")
-    with pytest.raises(TypeError, match="inputs must be a list or tuple of tensors, or one tensor, got set"):
+    with pytest.raises(TypeError, match="inputs must be an iterable of tensors, or one tensor, got int"):
+        sp.weighted_sum(torch.zeros(2), 3)
+    with pytest.raises(TypeError, match=r"inputs\[0\] must be a Tensor, got int"):
         sp.weighted_sum(torch.zeros(2), {1, 2})
 
 
@@ -236,9 +238,9 @@ def test_huge_k():
 
 def test_logits_on_another_device():
     xs = [torch.randn(2) for _ in range(3)]
-    with pytest.raises(ValueError, match="logits is on device meta but inputs are on device cpu"):
+    with pytest.raises(ValueError, match=r"logits is on device meta but inputs\[0\] is on device cpu"):
         sp.softmax_weighted_sum(torch.zeros(3, device="meta"), xs)
-    with pytest.raises(ValueError, match="weights is on device meta but inputs are on device cpu"):
+    with pytest.raises(ValueError, match=r"weights is on device meta but inputs\[0\] is on device cpu"):
         sp.weighted_sum(torch.zeros(3, device="meta"), xs)
     with pytest.raises(ValueError, match=r"inputs\[2\] is on device meta but inputs\[0\] is on device cpu"):
         sp.softmax_weighted_sum(torch.zeros(3), xs[:2] + [torch.zeros(2, device="meta")])

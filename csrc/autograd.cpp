@@ -1,0 +1,177 @@
+// Autograd of the ops, in C++ as torchvision does it: a
+// torch::autograd::Function per op, registered at the Autograd key. Its
+// forward redispatches below autograd to the backend kernel; its backward
+// calls the op's private backward op, or, when a graph of the backward is
+// being built (create_graph=True: double backward, DARTS' second-order
+// step), composes it from differentiable ATen ops with the same formulas.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "contraction.h"
+#include "maps.h"
+
+namespace simplex_param {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor weighted_sum_op(const at::Tensor& weights, at::TensorList inputs) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::weighted_sum", "")
+      .typed<at::Tensor(const at::Tensor&, at::TensorList)>();
+  return op.call(weights, inputs);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_op(
+    const at::Tensor& grad, const at::Tensor& weights, at::TensorList inputs, bool need_w,
+    const c10::List<bool>& need_x) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::_weighted_sum_backward", "")
+      .typed<std::tuple<at::Tensor, std::vector<at::Tensor>>(
+          const at::Tensor&, const at::Tensor&, at::TensorList, bool, const c10::List<bool>&)>();
+  return op.call(grad, weights, inputs, need_w, need_x);
+}
+
+// The contraction's backward from differentiable ops, in the accumulation
+// dtype: grad x_k = w[..., k] * g broadcast over the trailing dimensions,
+// grad w[..., k] = sum over the trailing dimensions of g * x_k.
+variable_list differentiable_backward(
+    const at::Tensor& grad, const at::Tensor& weights, const std::vector<at::Tensor>& xs, bool need_w,
+    const std::vector<bool>& need_x) {
+  const at::ScalarType acc = acc_type(grad.scalar_type());
+  const at::Tensor g = grad.to(acc);
+  const at::Tensor w = weights.to(acc);
+  const int64_t K = w.size(-1), row_dims = w.dim() - 1;
+  std::vector<int64_t> row_shape(w.sizes().begin(), w.sizes().end() - 1);
+  row_shape.resize(g.dim(), 1);  // the rows, then a 1 per trailing dimension
+  std::vector<int64_t> trailing;
+  for (int64_t d = row_dims; d < g.dim(); ++d) trailing.push_back(d);
+
+  variable_list grads(1 + K);
+  if (need_w) {
+    std::vector<at::Tensor> dots;
+    for (const at::Tensor& x : xs) {
+      const at::Tensor gx = g * x.to(acc);
+      dots.push_back(trailing.empty() ? gx : gx.sum(trailing));
+    }
+    grads[0] = at::stack(dots, -1).to(weights.scalar_type());
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    if (need_x[k]) grads[1 + k] = (w.select(-1, k).reshape(row_shape) * g).to(grad.scalar_type());
+  }
+  return grads;
+}
+
+// The contraction's backward through the backend kernels: (grad w, grad x_1
+// ... grad x_K), undefined where not wanted.
+variable_list contraction_backward(
+    const at::Tensor& grad, const at::Tensor& weights, const std::vector<at::Tensor>& xs, bool need_w,
+    const std::vector<bool>& need_x) {
+  c10::List<bool> need_x_list;
+  need_x_list.reserve(need_x.size());
+  for (bool b : need_x) need_x_list.push_back(b);
+  // Straight to the backend kernel: the backward op has no autograd of its own.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  auto [grad_w, grad_x] = weighted_sum_backward_op(grad, weights, xs, need_w, need_x_list);
+  variable_list grads(1 + need_x.size());
+  if (need_w) grads[0] = grad_w;
+  for (size_t k = 0; k < need_x.size(); ++k) {
+    if (need_x[k]) grads[1 + k] = grad_x[k];
+  }
+  return grads;
+}
+
+class WeightedSumFunction : public torch::autograd::Function<WeightedSumFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weights, at::TensorList inputs) {
+    // The inputs are needed only for the weights' gradient.
+    std::vector<at::Tensor> saved{weights};
+    if (weights.requires_grad()) saved.insert(saved.end(), inputs.begin(), inputs.end());
+    ctx->save_for_backward(saved);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return weighted_sum_op(weights, inputs);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& weights = saved[0];
+    const int64_t K = weights.size(-1);
+    const bool need_w = ctx->needs_input_grad(0);
+    std::vector<bool> need_x(K);
+    for (int64_t k = 0; k < K; ++k) need_x[k] = ctx->needs_input_grad(1 + k);
+    const std::vector<at::Tensor> xs =
+        need_w ? std::vector<at::Tensor>(saved.begin() + 1, saved.end()) : std::vector<at::Tensor>{};
+    const at::Tensor& grad = grad_outputs[0];
+    if (at::GradMode::is_enabled()) return differentiable_backward(grad, weights, xs, need_w, need_x);
+    return contraction_backward(grad, weights, xs, need_w, need_x);
+  }
+};
+
+// out = sum_k w[..., k] * x_k with w = map(logits / T): one node for both.
+class SimplexWeightedSumFunction : public torch::autograd::Function<SimplexWeightedSumFunction> {
+ public:
+  static at::Tensor forward(
+      AutogradContext* ctx, const at::Tensor& logits, at::TensorList inputs, c10::string_view map,
+      double temperature) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [w, out] = mapped_weighted_sum(logits, inputs, map, temperature);
+    // The logits, to rebuild w differentiably for double backward; the
+    // inputs, only for the logits' gradient.
+    std::vector<at::Tensor> saved{logits, w};
+    if (logits.requires_grad()) saved.insert(saved.end(), inputs.begin(), inputs.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["map"] = std::string(map);
+    ctx->saved_data["temperature"] = temperature;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& logits = saved[0];
+    const SimplexMap& m = find_map(ctx->saved_data["map"].toStringRef());
+    const double temperature = ctx->saved_data["temperature"].toDouble();
+    const int64_t K = logits.size(-1);
+    const bool need_l = ctx->needs_input_grad(0);
+    std::vector<bool> need_x(K);
+    for (int64_t k = 0; k < K; ++k) need_x[k] = ctx->needs_input_grad(1 + k);
+    const std::vector<at::Tensor> xs =
+        need_l ? std::vector<at::Tensor>(saved.begin() + 2, saved.end()) : std::vector<at::Tensor>{};
+    const at::Tensor& grad = grad_outputs[0];
+
+    variable_list grads;
+    at::Tensor w = saved[1];
+    if (at::GradMode::is_enabled()) {
+      w = m.forward(logits.to(w.scalar_type()), temperature);  // the same w, now with a graph
+      grads = differentiable_backward(grad, w, xs, need_l, need_x);
+    } else {
+      grads = contraction_backward(grad, w, xs, need_l, need_x);
+    }
+    if (need_l) grads[0] = m.vjp(w, grads[0], temperature).to(logits.scalar_type());
+    grads.resize(1 + K + 2);  // no gradient for map and temperature
+    return grads;
+  }
+};
+
+at::Tensor weighted_sum_autograd(const at::Tensor& weights, at::TensorList inputs) {
+  return WeightedSumFunction::apply(weights, inputs);
+}
+
+at::Tensor simplex_weighted_sum_autograd(
+    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
+  return SimplexWeightedSumFunction::apply(logits, inputs, map, temperature);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(simplex_param, Autograd, m) {
+  m.impl("weighted_sum", &weighted_sum_autograd);
+  m.impl("simplex_weighted_sum", &simplex_weighted_sum_autograd);
+}
+
+} // namespace simplex_param

@@ -1,0 +1,182 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <charconv>
+#include <cmath>
+#include <initializer_list>
+#include <sstream>
+#include <string>
+#include <utility>
+
+namespace simplex_param {
+namespace {
+
+enum class Error {
+#define SP_ERROR(id, type, text) id,
+#include "../simplex_param/errors.def"
+#undef SP_ERROR
+};
+
+enum class Kind { ValueError, TypeError };
+
+struct Entry {
+  Kind kind;
+  const char* text;
+};
+
+constexpr Entry kErrors[] = {
+#define SP_ERROR(id, type, text) {Kind::type, text},
+#include "../simplex_param/errors.def"
+#undef SP_ERROR
+};
+
+using Fields = std::initializer_list<std::pair<const char*, std::string>>;
+
+// Raises error `e` with its {fields} filled in, as str.format does in Python.
+[[noreturn]] void fail(Error e, Fields fields) {
+  const Entry& entry = kErrors[static_cast<int>(e)];
+  std::string msg = entry.text;
+  for (const auto& [key, value] : fields) {
+    const std::string slot = std::string("{") + key + "}";
+    for (size_t at = msg.find(slot); at != std::string::npos; at = msg.find(slot, at + value.size())) {
+      msg.replace(at, slot.size(), value);
+    }
+  }
+  if (entry.kind == Kind::TypeError) TORCH_CHECK_TYPE(false, msg);
+  TORCH_CHECK_VALUE(false, msg);
+}
+
+// Python's spelling of a dtype, shape, device and float.
+std::string py(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+std::string py(at::IntArrayRef sizes) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < sizes.size(); ++i) os << (i ? ", " : "") << sizes[i];
+  os << "]";
+  return os.str();
+}
+
+std::string py(const at::Device& d) {
+  return d.str();
+}
+
+// repr() of a float: shortest round trip, ".0" on integers.
+std::string py_float(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  char buf[64];
+  auto res = std::to_chars(buf, buf + sizeof(buf), x);
+  std::string s(buf, res.ptr);
+  if (s.find_first_of(".e") == std::string::npos) s += ".0";
+  return s;
+}
+
+// The weights' leading dimensions are the first ones of `other` (a shape).
+void check_prefix(const at::Tensor& weights, const char* name, at::IntArrayRef other, const char* other_name) {
+  const auto P = weights.dim() - 1;
+  bool ok = P <= static_cast<int64_t>(other.size());
+  for (int64_t i = 0; ok && i < P; ++i) ok = weights.size(i) == other[i];
+  if (!ok) {
+    fail(Error::weights_prefix,
+         {{"name", name}, {"shape", py(weights.sizes())}, {"other_shape", py(other)}, {"other", other_name}});
+  }
+}
+
+void check_weights(const at::Tensor& weights, const char* name) {
+  if (weights.dim() == 0) fail(Error::weights_0d, {{"name", name}});
+  if (!at::isFloatingType(weights.scalar_type())) {
+    fail(Error::weights_dtype, {{"name", name}, {"dtype", py(weights.scalar_type())}});
+  }
+}
+
+} // namespace
+
+void check_args(const at::Tensor& weights, at::TensorList inputs, const char* name) {
+  const auto K = static_cast<int64_t>(inputs.size());
+  if (K < 1) fail(Error::no_inputs, {});
+  check_weights(weights, name);
+  if (weights.size(-1) != K) {
+    fail(Error::weights_k, {{"name", name}, {"n", std::to_string(weights.size(-1))}, {"K", std::to_string(K)}});
+  }
+  const at::Tensor& x0 = inputs[0];
+  if (!at::isFloatingType(x0.scalar_type())) fail(Error::input_dtype, {{"dtype", py(x0.scalar_type())}});
+  for (int64_t k = 1; k < K; ++k) {
+    const at::Tensor& x = inputs[k];
+    const std::string ks = std::to_string(k);
+    if (x.scalar_type() != x0.scalar_type()) {
+      fail(Error::input_dtype_mismatch,
+           {{"k", ks}, {"dtype", py(x.scalar_type())}, {"dtype0", py(x0.scalar_type())}});
+    }
+    if (!x.sizes().equals(x0.sizes())) {
+      fail(Error::input_shape_mismatch, {{"k", ks}, {"shape", py(x.sizes())}, {"shape0", py(x0.sizes())}});
+    }
+    if (x.device() != x0.device()) {
+      fail(Error::input_device_mismatch, {{"k", ks}, {"device", py(x.device())}, {"device0", py(x0.device())}});
+    }
+  }
+  check_prefix(weights, name, x0.sizes(), "inputs[0]");
+  if (weights.device() != x0.device()) {
+    fail(Error::weights_device,
+         {{"name", name}, {"device", py(weights.device())}, {"other", "inputs[0]"}, {"other_device", py(x0.device())}});
+  }
+}
+
+void check_temperature(double temperature) {
+  if (!(std::isfinite(temperature) && temperature > 0)) {
+    fail(Error::temperature, {{"value", py_float(temperature)}});
+  }
+}
+
+void check_backward_args(
+    const at::Tensor& grad,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad) {
+  check_weights(weights, "weights");
+  const int64_t K = weights.size(-1);
+  if (static_cast<int64_t>(inputs_requires_grad.size()) != K) {
+    fail(Error::requires_grad_count,
+         {{"n", std::to_string(inputs_requires_grad.size())}, {"K", std::to_string(K)}});
+  }
+  if (!at::isFloatingType(grad.scalar_type())) fail(Error::grad_dtype, {{"dtype", py(grad.scalar_type())}});
+  check_prefix(weights, "weights", grad.sizes(), "grad");
+  if (weights.device() != grad.device()) {
+    fail(Error::weights_device,
+         {{"name", "weights"}, {"device", py(weights.device())}, {"other", "grad"}, {"other_device", py(grad.device())}});
+  }
+  if (weights_requires_grad) {
+    check_args(weights, inputs, "weights");
+    const at::Tensor& x0 = inputs[0];
+    if (!grad.sizes().equals(x0.sizes())) {
+      fail(Error::grad_shape_mismatch, {{"shape", py(grad.sizes())}, {"shape0", py(x0.sizes())}});
+    }
+    if (grad.scalar_type() != x0.scalar_type()) {
+      fail(Error::grad_dtype_mismatch, {{"dtype", py(grad.scalar_type())}, {"dtype0", py(x0.scalar_type())}});
+    }
+  }
+}
+
+void fail_unknown_map(c10::string_view map, const std::string& known) {
+  fail(Error::unknown_map, {{"maps", known}, {"map", std::string(map)}});
+}
+
+} // namespace simplex_param

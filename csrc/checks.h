@@ -1,0 +1,28 @@
+// Argument checks of the ops. Their exception types and texts come from the
+// table simplex_param/errors.def, which the Python fallback reads too.
+#pragma once
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+namespace simplex_param {
+
+// `weights` (called `name` in messages): (K,) or (*P, K) against K inputs of
+// one shape, dtype and device.
+void check_args(const at::Tensor& weights, at::TensorList inputs, const char* name);
+
+void check_temperature(double temperature);
+
+// The arguments of _weighted_sum_backward.
+void check_backward_args(
+    const at::Tensor& grad,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad);
+
+// Raises the table's `unknown_map` error.
+[[noreturn]] void fail_unknown_map(c10::string_view map, const std::string& known);
+
+} // namespace simplex_param

@@ -1,0 +1,51 @@
+// The contraction out = sum_k w[r, k] * x_k, as every backend's kernels see
+// it, and the op-level code the backends share (contraction.cpp).
+//
+// The inputs' shape S splits into rows P and trailing dimensions: weights
+// (*P, K) give one weight row per element of P (one row, P empty, for (K,)
+// weights). All operands are walked as flat arrays in one layout
+// (layout.h), so row r is the range [r * row_len, (r + 1) * row_len).
+#pragma once
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+#include <vector>
+
+namespace simplex_param {
+
+// Accumulation dtype: float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType acc_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+struct Contraction {
+  int64_t K = 0;
+  int64_t rows = 1;                 // weight rows
+  int64_t row_len = 0;              // elements per row; rows * row_len elements in all
+  at::ScalarType dtype;             // of the inputs, output and gradients
+  at::Device device{at::kCPU};      // of every operand
+  const void* w = nullptr;          // rows x K weights, accumulation dtype, contiguous
+  std::vector<const void*> x;       // K inputs (backward: empty when grad_w is null)
+  void* out = nullptr;              // forward: the output
+  const void* grad = nullptr;       // backward: the output's gradient
+  std::vector<void*> grad_x;        // backward: K gradients, null where not wanted
+  void* grad_w = nullptr;           // backward: rows x K, accumulation dtype, or null
+};
+
+using ContractionKernel = void (*)(const Contraction&);
+
+// The ops, for a backend's kernels: checks, layout, allocation, then one
+// call of `kernel` unless there is nothing to compute.
+at::Tensor weighted_sum_forward(const at::Tensor& weights, at::TensorList inputs, ContractionKernel kernel);
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
+    const at::Tensor& grad,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad,
+    ContractionKernel kernel);
+
+} // namespace simplex_param

@@ -1,0 +1,332 @@
+// CPU kernels of the contraction (contraction.h), forward and backward.
+//
+// The flat range is cut into tiles of about kBlock elements: a piece of one
+// row when rows are long (one row in all for shared (K,) weights), or a run
+// of whole rows when they are short. Tiles are spread over threads with
+// at::parallel_for. A segment (the part of one row in a tile) is done with
+// its accumulator on the stack (L1): the forward reads each input once and
+// writes the output once; the backward reads the gradient and each input
+// once and writes each wanted input gradient once. That is the minimum
+// traffic, so the op runs at memory bandwidth (docs/benchmarks.md).
+//
+// Determinism: tiles depend on the shapes only, never on the number of
+// threads. A segment's dot products <g, x_k> are kLanes fixed partial sums
+// added pairwise; a row cut into pieces has its pieces' dot products summed
+// in piece order after the parallel loop. The same inputs give the same bits.
+//
+// The loops are plain C++ that the compiler vectorises. On x86-64 they are
+// compiled twice, for the baseline ISA and with AVX2, and the AVX2 copy is
+// chosen at run time (AVX2 without FMA: neither copy contracts a * b + c,
+// so both give bitwise the same results).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../contraction.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+#define SIMPLEX_PARAM_AVX2_PATH 1
+#define SIMPLEX_PARAM_TARGET_AVX2 __attribute__((target("avx2")))
+#else
+#define SIMPLEX_PARAM_AVX2_PATH 0
+#endif
+
+#if defined(__GNUC__)
+#define SIMPLEX_PARAM_INLINE inline __attribute__((always_inline))
+#else
+#define SIMPLEX_PARAM_INLINE inline
+#endif
+
+namespace simplex_param {
+namespace {
+
+constexpr int64_t kBlock = 2048;
+constexpr int kLanes = 16;
+
+// The tiles of a (rows x row_len) range.
+struct Tiles {
+  int64_t rows, row_len;
+  int64_t pieces;         // pieces per row: > 1 only for rows longer than kBlock
+  int64_t rows_per_tile;  // > 1 only for rows shorter than kBlock / 2
+  int64_t count;
+
+  Tiles(int64_t rows_, int64_t row_len_) : rows(rows_), row_len(row_len_) {
+    if (row_len >= kBlock || rows == 1) {
+      pieces = std::max<int64_t>(1, (row_len + kBlock - 1) / kBlock);
+      rows_per_tile = 1;
+      count = rows * pieces;
+    } else {
+      pieces = 1;
+      rows_per_tile = kBlock / std::max<int64_t>(row_len, 1);
+      count = (rows + rows_per_tile - 1) / rows_per_tile;
+    }
+  }
+
+  // f(row, piece, start, len) for every segment of tile t.
+  template <typename F>
+  SIMPLEX_PARAM_INLINE void for_each_segment(int64_t t, F&& f) const {
+    if (rows_per_tile == 1) {
+      const int64_t row = t / pieces, piece = t % pieces;
+      const int64_t offset = piece * kBlock;
+      f(row, piece, row * row_len + offset, std::min(kBlock, row_len - offset));
+    } else {
+      const int64_t end = std::min(rows, (t + 1) * rows_per_tile);
+      for (int64_t row = t * rows_per_tile; row < end; ++row) f(row, int64_t{0}, row * row_len, row_len);
+    }
+  }
+};
+
+// Grain, in tiles, for at::parallel_for: at least 64K elements of traffic
+// per thread, so that small problems stay on one thread.
+int64_t tile_grain(int64_t K) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / (kBlock * std::max<int64_t>(K, 1)));
+}
+
+// Element conversions to and from the accumulation type. bfloat16 is done on
+// the bits (round to nearest even, NaN kept quiet), which vectorises.
+template <typename T>
+SIMPLEX_PARAM_INLINE auto load(const T* p, int64_t i) {
+  return static_cast<at::opmath_type<T>>(p[i]);
+}
+template <>
+SIMPLEX_PARAM_INLINE auto load(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i].x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T, typename A>
+SIMPLEX_PARAM_INLINE void store(T* p, int64_t i, A v) {
+  p[i] = static_cast<T>(v);
+}
+template <>
+SIMPLEX_PARAM_INLINE void store(c10::BFloat16* p, int64_t i, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  p[i].x = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+}
+
+// acc (+)= sum over r < R of w[r] * x[r][start + i], for i < len: R input
+// streams advance together.
+template <int R, bool First, typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_INLINE void accumulate(
+    acc_t* acc, const scalar_t* const* xs, const acc_t* w, int64_t start, int64_t len) {
+  const scalar_t* x[R];
+  acc_t wr[R];
+  for (int r = 0; r < R; ++r) {
+    x[r] = xs[r] + start;
+    wr[r] = w[r];
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    acc_t a = First ? wr[0] * load(x[0], i) : acc[i] + wr[0] * load(x[0], i);
+    for (int r = 1; r < R; ++r) a = a + wr[r] * load(x[r], i);
+    acc[i] = a;
+  }
+}
+
+// out[start, start + len) = sum_k w[k] * xs[k][...], len <= kBlock. The
+// accumulator takes up to four inputs per pass, so that four input streams
+// advance together: one stream at a time reads at about 60% of the copy
+// bandwidth, and all K at once (K up to 25) overflows the prefetchers
+// (docs/benchmarks.md).
+template <typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_INLINE void forward_segment(
+    const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t start, int64_t len) {
+  alignas(64) acc_t acc[kBlock];
+  for (int64_t k = 0; k < K; k += 4) {
+    const bool first = k == 0;
+    switch (std::min<int64_t>(4, K - k)) {
+      case 4:
+        first ? accumulate<4, true>(acc, xs + k, w + k, start, len)
+              : accumulate<4, false>(acc, xs + k, w + k, start, len);
+        break;
+      case 3:
+        first ? accumulate<3, true>(acc, xs + k, w + k, start, len)
+              : accumulate<3, false>(acc, xs + k, w + k, start, len);
+        break;
+      case 2:
+        first ? accumulate<2, true>(acc, xs + k, w + k, start, len)
+              : accumulate<2, false>(acc, xs + k, w + k, start, len);
+        break;
+      default:
+        first ? accumulate<1, true>(acc, xs + k, w + k, start, len)
+              : accumulate<1, false>(acc, xs + k, w + k, start, len);
+    }
+  }
+  scalar_t* o = out + start;
+  for (int64_t i = 0; i < len; ++i) store(o, i, acc[i]);
+}
+
+// On [start, start + len), len <= kBlock: dxs[k] = w[k] * grad where dxs[k]
+// is not null, and, when dots is not null, dots[k] = <grad, xs[k]>.
+template <typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_INLINE void backward_segment(
+    const scalar_t* grad, const scalar_t* const* xs, const acc_t* w, int64_t K,
+    scalar_t* const* dxs, acc_t* dots, int64_t start, int64_t len) {
+  alignas(64) acc_t g[kBlock];
+  for (int64_t i = 0; i < len; ++i) g[i] = load(grad + start, i);
+  for (int64_t k = 0; k < K; ++k) {
+    if (dxs[k] != nullptr) {
+      scalar_t* dx = dxs[k] + start;
+      const acc_t wk = w[k];
+      for (int64_t i = 0; i < len; ++i) store(dx, i, wk * g[i]);
+    }
+    if (dots != nullptr) {
+      const scalar_t* x = xs[k] + start;
+      acc_t s[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes) {
+        for (int j = 0; j < kLanes; ++j) s[j] = s[j] + g[i + j] * load(x, i + j);
+      }
+      for (int j = 0; i < len; ++i, ++j) s[j] = s[j] + g[i] * load(x, i);
+      for (int width = kLanes / 2; width > 0; width /= 2) {
+        for (int j = 0; j < width; ++j) s[j] = s[j] + s[j + width];
+      }
+      dots[k] = s[0];
+    }
+  }
+}
+
+// The typed view of a Contraction.
+template <typename scalar_t, typename acc_t>
+struct Operands {
+  std::vector<const scalar_t*> x;
+  std::vector<scalar_t*> grad_x;
+  const acc_t* w;
+
+  explicit Operands(const Contraction& c) : w(static_cast<const acc_t*>(c.w)) {
+    for (const void* p : c.x) x.push_back(static_cast<const scalar_t*>(p));
+    for (void* p : c.grad_x) grad_x.push_back(static_cast<scalar_t*>(p));
+  }
+};
+
+// Tiles [t0, t1) of the forward.
+template <typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_INLINE void forward_tiles(
+    const Contraction& c, const Tiles& tiles, const Operands<scalar_t, acc_t>& ops, int64_t t0, int64_t t1) {
+  scalar_t* out = static_cast<scalar_t*>(c.out);
+  for (int64_t t = t0; t < t1; ++t) {
+    tiles.for_each_segment(t, [&](int64_t row, int64_t, int64_t start, int64_t len) {
+      forward_segment(ops.x.data(), ops.w + row * c.K, c.K, out, start, len);
+    });
+  }
+}
+
+// Tiles [t0, t1) of the backward. A row in one piece has its dot products
+// written to grad_w directly, a row in several to partials[(row * pieces +
+// piece) * K + k].
+template <typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_INLINE void backward_tiles(
+    const Contraction& c, const Tiles& tiles, const Operands<scalar_t, acc_t>& ops, acc_t* partials,
+    int64_t t0, int64_t t1) {
+  const scalar_t* grad = static_cast<const scalar_t*>(c.grad);
+  acc_t* grad_w = static_cast<acc_t*>(c.grad_w);
+  for (int64_t t = t0; t < t1; ++t) {
+    tiles.for_each_segment(t, [&](int64_t row, int64_t piece, int64_t start, int64_t len) {
+      acc_t* dots = grad_w == nullptr ? nullptr
+          : tiles.pieces == 1         ? grad_w + row * c.K
+                                      : partials + (row * tiles.pieces + piece) * c.K;
+      backward_segment(grad, ops.x.data(), ops.w + row * c.K, c.K, ops.grad_x.data(), dots, start, len);
+    });
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_default(const Contraction& c, const Tiles& tiles, const Operands<scalar_t, acc_t>& ops, int64_t t0, int64_t t1) {
+  forward_tiles(c, tiles, ops, t0, t1);
+}
+template <typename scalar_t, typename acc_t>
+void backward_default(const Contraction& c, const Tiles& tiles, const Operands<scalar_t, acc_t>& ops, acc_t* partials,
+                      int64_t t0, int64_t t1) {
+  backward_tiles(c, tiles, ops, partials, t0, t1);
+}
+
+#if SIMPLEX_PARAM_AVX2_PATH
+template <typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_TARGET_AVX2 void forward_avx2(
+    const Contraction& c, const Tiles& tiles, const Operands<scalar_t, acc_t>& ops, int64_t t0, int64_t t1) {
+  forward_tiles(c, tiles, ops, t0, t1);
+}
+template <typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_TARGET_AVX2 void backward_avx2(
+    const Contraction& c, const Tiles& tiles, const Operands<scalar_t, acc_t>& ops, acc_t* partials,
+    int64_t t0, int64_t t1) {
+  backward_tiles(c, tiles, ops, partials, t0, t1);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+void forward_kernel(const Contraction& c) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "weighted_sum_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Operands<scalar_t, acc_t> ops(c);
+    const Tiles tiles(c.rows, c.row_len);
+    auto body = forward_default<scalar_t, acc_t>;
+#if SIMPLEX_PARAM_AVX2_PATH
+    if (cpu_has_avx2()) body = forward_avx2<scalar_t, acc_t>;
+#endif
+    at::parallel_for(0, tiles.count, tile_grain(c.K), [&](int64_t t0, int64_t t1) {
+      body(c, tiles, ops, t0, t1);
+    });
+  });
+}
+
+void backward_kernel(const Contraction& c) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "weighted_sum_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Operands<scalar_t, acc_t> ops(c);
+    const Tiles tiles(c.rows, c.row_len);
+    const bool split = c.grad_w != nullptr && tiles.pieces > 1;
+    std::vector<acc_t> partials(split ? tiles.count * c.K : 0);
+    auto body = backward_default<scalar_t, acc_t>;
+#if SIMPLEX_PARAM_AVX2_PATH
+    if (cpu_has_avx2()) body = backward_avx2<scalar_t, acc_t>;
+#endif
+    at::parallel_for(0, tiles.count, tile_grain(c.K), [&](int64_t t0, int64_t t1) {
+      body(c, tiles, ops, partials.data(), t0, t1);
+    });
+    if (!split) return;
+    // Each row's pieces, summed in piece order.
+    acc_t* grad_w = static_cast<acc_t*>(c.grad_w);
+    for (int64_t row = 0; row < c.rows; ++row) {
+      const acc_t* p = partials.data() + row * tiles.pieces * c.K;
+      for (int64_t k = 0; k < c.K; ++k) {
+        acc_t s = 0;
+        for (int64_t piece = 0; piece < tiles.pieces; ++piece) s += p[piece * c.K + k];
+        grad_w[row * c.K + k] = s;
+      }
+    }
+  });
+}
+
+at::Tensor weighted_sum_cpu(const at::Tensor& weights, at::TensorList inputs) {
+  return weighted_sum_forward(weights, inputs, forward_kernel);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& weights, at::TensorList inputs,
+    bool weights_requires_grad, const c10::List<bool>& inputs_requires_grad) {
+  return weighted_sum_backward(grad, weights, inputs, weights_requires_grad, inputs_requires_grad, backward_kernel);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(simplex_param, CPU, m) {
+  m.impl("weighted_sum", &weighted_sum_cpu);
+  m.impl("_weighted_sum_backward", &weighted_sum_backward_cpu);
+}
+
+} // namespace simplex_param

@@ -1,0 +1,101 @@
+// The map registry, and the ops that compose a map with the contraction:
+// simplex_weighted_sum (any map) and softmax_weighted_sum (the softmax).
+//
+// To add a map: write its forward and vjp below, add one line to kMaps, add
+// its twin to MAPS in simplex_param/reference.py (the fallback and the test
+// oracle), and add it to the map tests (tests/test_maps.py). Nothing else
+// changes: the kernels know only the contraction, and autograd.cpp calls the
+// map through this registry.
+#include "maps.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <string>
+#include <utility>
+
+#include "checks.h"
+#include "contraction.h"
+
+namespace simplex_param {
+namespace {
+
+// softmax(z / T). The division is skipped at T = 1, where it changes nothing.
+at::Tensor softmax_forward(const at::Tensor& z, double temperature) {
+  return at::_softmax(temperature == 1.0 ? z : z / temperature, -1, false);
+}
+
+// dL/dz = w * (g - <w, g>) / T, in one fused op.
+at::Tensor softmax_vjp(const at::Tensor& w, const at::Tensor& grad_w, double temperature) {
+  const at::Tensor g = at::_softmax_backward_data(grad_w, w, -1, w.scalar_type());
+  return temperature == 1.0 ? g : g / temperature;
+}
+
+// z / T, the weights as given at T = 1.
+at::Tensor identity_forward(const at::Tensor& z, double temperature) {
+  return temperature == 1.0 ? z : z / temperature;
+}
+
+at::Tensor identity_vjp(const at::Tensor&, const at::Tensor& grad_w, double temperature) {
+  return temperature == 1.0 ? grad_w : grad_w / temperature;
+}
+
+constexpr SimplexMap kMaps[] = {
+    {"softmax", softmax_forward, softmax_vjp},
+    {"identity", identity_forward, identity_vjp},
+};
+
+std::string map_names() {
+  std::string names;
+  for (const SimplexMap& m : kMaps) names += (names.empty() ? "'" : ", '") + std::string(m.name) + "'";
+  return names;
+}
+
+at::Tensor simplex_weighted_sum(
+    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
+  return mapped_weighted_sum(logits, inputs, map, temperature).second;
+}
+
+at::Tensor softmax_weighted_sum(const at::Tensor& logits, at::TensorList inputs, double temperature) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::simplex_weighted_sum", "")
+      .typed<at::Tensor(const at::Tensor&, at::TensorList, c10::string_view, double)>();
+  return op.call(logits, inputs, "softmax", temperature);
+}
+
+} // namespace
+
+const SimplexMap& find_map(c10::string_view name) {
+  for (const SimplexMap& m : kMaps) {
+    if (name == m.name) return m;
+  }
+  fail_unknown_map(name, map_names());
+}
+
+std::pair<at::Tensor, at::Tensor> mapped_weighted_sum(
+    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
+  check_args(logits, inputs, "logits");
+  const SimplexMap& m = find_map(map);
+  check_temperature(temperature);
+  static const auto sum_op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::weighted_sum", "")
+      .typed<at::Tensor(const at::Tensor&, at::TensorList)>();
+  const at::ScalarType acc = acc_type(inputs[0].scalar_type());
+  // (`to` would return the logits themselves, which an op below autograd must not do.)
+  at::Tensor w = m.forward(logits.scalar_type() == acc ? logits : logits.to(acc), temperature);
+  at::Tensor out = sum_op.call(w, inputs);
+  return {std::move(w), std::move(out)};
+}
+
+// Without autograd (inference mode, or below the Autograd kernel of
+// autograd.cpp), on every backend.
+TORCH_LIBRARY_IMPL(simplex_param, CompositeExplicitAutograd, m) {
+  m.impl("simplex_weighted_sum", &simplex_weighted_sum);
+}
+
+TORCH_LIBRARY_IMPL(simplex_param, CompositeImplicitAutograd, m) {
+  m.impl("softmax_weighted_sum", &softmax_weighted_sum);
+}
+
+} // namespace simplex_param

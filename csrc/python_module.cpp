@@ -1,0 +1,38 @@
+// The Python module simplex_param._C: importing it loads the ops, and its two
+// functions are direct entry points to them for simplex_param/ops.py.
+//
+// They call the ops through the dispatcher, exactly as torch.ops does, so
+// autograd, dispatch modes and every backend behave the same; they only skip
+// the boxed argument parsing of a torch.ops call, which costs several
+// microseconds per call with a list of tensors (docs/benchmarks.md,
+// "overhead"). Under torch.compile, ops.py calls torch.ops instead.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+at::Tensor weighted_sum(const at::Tensor& weights, const std::vector<at::Tensor>& inputs) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::weighted_sum", "")
+      .typed<at::Tensor(const at::Tensor&, at::TensorList)>();
+  return op.call(weights, inputs);
+}
+
+at::Tensor simplex_weighted_sum(
+    const at::Tensor& logits, const std::vector<at::Tensor>& inputs, const std::string& map, double temperature) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::simplex_weighted_sum", "")
+      .typed<at::Tensor(const at::Tensor&, at::TensorList, c10::string_view, double)>();
+  return op.call(logits, inputs, map, temperature);
+}
+
+} // namespace
+
+PYBIND11_MODULE(_C, m) {
+  // The GIL is released while the op runs, as in a torch.ops call.
+  m.def("weighted_sum", &weighted_sum, py::call_guard<py::gil_scoped_release>());
+  m.def("simplex_weighted_sum", &simplex_weighted_sum, py::call_guard<py::gil_scoped_release>());
+}

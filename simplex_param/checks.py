@@ -1,0 +1,116 @@
+"""Argument checks of the fallback and of the fake kernels.
+
+The exception types and texts come from ``errors.def``, the table the
+compiled ops use too (``csrc/checks.cpp``), so both paths raise the same
+errors; tests/test_errors.py holds them to it.
+"""
+import math
+import numbers
+import os
+import re
+
+from torch import Tensor
+
+
+def _read_table() -> dict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "errors.def")
+    with open(path, encoding="utf-8") as f:
+        entries = re.findall(r'^SP_ERROR\((\w+), (\w+), "(.*)"\)$', f.read(), re.MULTILINE)
+    kinds = {"ValueError": ValueError, "TypeError": TypeError}
+    return {name: (kinds[kind], text) for name, kind, text in entries}
+
+
+ERRORS = _read_table()
+
+
+def error(entry: str, /, **fields) -> Exception:
+    """The exception of table entry `entry`, with its fields filled in."""
+    kind, text = ERRORS[entry]
+    return kind(text.format(**fields))
+
+
+def _check_prefix(weights: Tensor, name: str, other_shape, other: str) -> None:
+    prefix = tuple(weights.shape[:-1])
+    if tuple(other_shape[: len(prefix)]) != prefix or len(prefix) > len(other_shape):
+        raise error("weights_prefix", name=name, shape=list(weights.shape), other_shape=list(other_shape), other=other)
+
+
+def _check_weights(weights: Tensor, name: str) -> None:
+    if weights.dim() == 0:
+        raise error("weights_0d", name=name)
+    if not weights.dtype.is_floating_point:
+        raise error("weights_dtype", name=name, dtype=weights.dtype)
+
+
+def check_args(weights: Tensor, inputs: list, name: str) -> None:
+    """`weights` (``(K,)`` or ``(*P, K)``, called `name`) against K inputs of one shape, dtype and device."""
+    K = len(inputs)
+    if K < 1:
+        raise error("no_inputs")
+    _check_weights(weights, name)
+    if weights.shape[-1] != K:
+        raise error("weights_k", name=name, n=weights.shape[-1], K=K)
+    x0 = inputs[0]
+    if not x0.dtype.is_floating_point:
+        raise error("input_dtype", dtype=x0.dtype)
+    for k in range(1, K):
+        x = inputs[k]
+        if x.dtype != x0.dtype:
+            raise error("input_dtype_mismatch", k=k, dtype=x.dtype, dtype0=x0.dtype)
+        if x.shape != x0.shape:
+            raise error("input_shape_mismatch", k=k, shape=list(x.shape), shape0=list(x0.shape))
+        if x.device != x0.device:
+            raise error("input_device_mismatch", k=k, device=x.device, device0=x0.device)
+    _check_prefix(weights, name, x0.shape, "inputs[0]")
+    if weights.device != x0.device:
+        raise error("weights_device", name=name, device=weights.device, other="inputs[0]", other_device=x0.device)
+
+
+def check_float_temperature(temperature) -> float:
+    """A positive finite Python number (numpy scalars included), as a float."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise error("temperature", value=repr(temperature))
+    return temperature
+
+
+def check_temperature(temperature):
+    """A Python number (checked, returned as a float) or a 0-D floating tensor
+    (returned as is: its value is not read, which would synchronise a GPU)."""
+    if isinstance(temperature, Tensor):
+        if temperature.dim() != 0 or not temperature.dtype.is_floating_point:
+            raise TypeError(
+                "temperature given as a tensor must be a 0-D floating tensor, "
+                f"got a {temperature.dim()}-D tensor of dtype {temperature.dtype}"
+            )
+        return temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float or a 0-D tensor, got {type(temperature).__name__}")
+    return check_float_temperature(temperature)
+
+
+def check_backward_args(grad, weights, inputs, weights_requires_grad, inputs_requires_grad) -> None:
+    """The arguments of ``_weighted_sum_backward``."""
+    _check_weights(weights, "weights")
+    K = weights.shape[-1]
+    if len(inputs_requires_grad) != K:
+        raise error("requires_grad_count", n=len(inputs_requires_grad), K=K)
+    if not grad.dtype.is_floating_point:
+        raise error("grad_dtype", dtype=grad.dtype)
+    _check_prefix(weights, "weights", grad.shape, "grad")
+    if weights.device != grad.device:
+        raise error("weights_device", name="weights", device=weights.device, other="grad", other_device=grad.device)
+    if weights_requires_grad:
+        check_args(weights, inputs, "weights")
+        x0 = inputs[0]
+        if grad.shape != x0.shape:
+            raise error("grad_shape_mismatch", shape=list(grad.shape), shape0=list(x0.shape))
+        if grad.dtype != x0.dtype:
+            raise error("grad_dtype_mismatch", dtype=grad.dtype, dtype0=x0.dtype)
+
+
+def check_map(name: str, known) -> None:
+    if name not in known:
+        raise error("unknown_map", maps=", ".join(repr(m) for m in known), map=name)
