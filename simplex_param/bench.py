@@ -44,6 +44,7 @@ class Case:
     name: str
     K: int
     shape: tuple
+    rows: int = 0  # leading dims of `shape` with a weight row each: logits (*shape[:rows], K)
 
 
 CASES = [
@@ -52,8 +53,14 @@ CASES = [
     Case("scalar-mix-13", 13, (32, 128, 768)),
     Case("scalar-mix-25", 25, (8, 128, 1024)),
     Case("model-soup", 8, (4 * 2**20,)),
+    # Per-token weights: a gating network's (B, T, K) logits over K streams.
+    Case("per-token", 8, (32, 128, 768), rows=2),
 ]
 QUICK_CASES = ["multimodal", "darts"]
+# The host cost of one call on tiny tensors: K, elements per input.
+OVERHEAD = "overhead"
+OVERHEAD_SIZES = [(3, 4), (3, 4096), (8, 4), (8, 4096)]
+OVERHEAD_CONTENDERS = ("fused", "eager", "stack+tensordot")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
 CONTENDERS = ("fused", "eager", "stack+tensordot", "compile", "reference")
@@ -64,11 +71,23 @@ CONTENDERS = ("fused", "eager", "stack+tensordot", "compile", "reference")
 # --------------------------------------------------------------------------
 
 def _eager(logits, xs):
-    return sum(w * x for w, x in zip(torch.softmax(logits, 0), xs))
+    """The recipe users write: softmax, then one product and one sum per input.
+    Per-row logits (*P, K) are broadcast over the inputs' trailing dimensions."""
+    w = torch.softmax(logits, -1)
+    if logits.dim() == 1:
+        return sum(wk * x for wk, x in zip(w, xs))
+    row_shape = logits.shape[:-1] + (1,) * (xs[0].dim() - logits.dim() + 1)
+    return sum(w[..., k].reshape(row_shape) * x for k, x in enumerate(xs))
 
 
 def _stack_tensordot(logits, xs):
-    return torch.tensordot(torch.softmax(logits, 0).to(xs[0].dtype), torch.stack(xs), dims=1)
+    """Stack the inputs, then one contraction: tensordot, or einsum per row."""
+    w = torch.softmax(logits, -1).to(xs[0].dtype)
+    if logits.dim() == 1:
+        return torch.tensordot(w, torch.stack(xs), dims=1)
+    K, rows = len(xs), w[..., 0].numel()
+    stacked = torch.stack(xs).reshape(K, rows, -1)
+    return torch.einsum("rk,krd->rd", w.reshape(rows, K), stacked).reshape(xs[0].shape)
 
 
 def _contender(name):
@@ -174,7 +193,7 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
     for s in case.shape:
         n *= s
     need_grad = mode != "fwd"
-    logits = torch.randn(case.K, generator=gen).to(device).requires_grad_(need_grad)
+    logits = torch.randn(*case.shape[: case.rows], case.K, generator=gen).to(device).requires_grad_(need_grad)
     xs = [torch.randn(case.shape, generator=gen).to(device, dtype).requires_grad_(need_grad) for _ in range(case.K)]
     grad = torch.randn(case.shape, generator=gen).to(device, dtype) if need_grad else None
 
@@ -218,6 +237,7 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
         "case": case.name,
         "K": case.K,
         "shape": list(case.shape),
+        "weights_shape": list(logits.shape),
         "numel": n,
         "dtype": str(dtype).replace("torch.", ""),
         "mode": mode,
@@ -239,20 +259,75 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
     return result
 
 
+def run_overhead(contenders, repeats, device, target_s, log=None):
+    """The host cost of one call: float32 inputs of 4 and 4096 elements, where
+    the time is Python, dispatch and autograd rather than memory traffic.
+    Modes: the forward under no_grad, the forward building the graph
+    (``fwd``), and forward+backward as in :func:`run_one`. Ratios are to the
+    eager recipe's time in the same mode."""
+    contenders = [c for c in OVERHEAD_CONTENDERS if c in contenders or c == "eager"]
+    if log:
+        log(f"\n{OVERHEAD}: time per call on tiny inputs (us, ratio to eager)")
+        log(f"{'K':>3}{'numel':>7} {'mode':<12}" + "".join(f"{n:>22}" for n in contenders))
+    rows = []
+    for K, n in OVERHEAD_SIZES:
+        gen = torch.Generator().manual_seed(0)
+        logits = torch.randn(K, generator=gen).to(device).requires_grad_()
+        xs = [torch.randn(n, generator=gen).to(device).requires_grad_() for _ in range(K)]
+        grad = torch.randn(n, generator=gen).to(device)
+        for mode in ("fwd no_grad", "fwd", "fwd+bwd"):
+            steps = {}
+            for name in contenders:
+                step = _step(_contender(name), logits, xs, grad if mode == "fwd+bwd" else None)
+                steps[name] = _no_grad(step) if mode == "fwd no_grad" else step
+            for step in steps.values():  # warm-up
+                step()
+                step()
+            calls = {name: _calls_per_sample(step, device, target_s) for name, step in steps.items()}
+            samples = {name: [] for name in steps}
+            for _ in range(repeats):
+                for name, step in steps.items():
+                    samples[name].append(_sample(step, calls[name], device))
+            times = {name: statistics.median(t) for name, t in samples.items()}
+            row = {"K": K, "numel": n, "mode": mode, "contenders": {
+                name: {"time_s": t, "ratio_to_eager": t / times["eager"]} for name, t in times.items()}}
+            rows.append(row)
+            if log:
+                log(f"{K:>3}{n:>7} {mode:<12}" + "".join(
+                    f"{e['time_s'] * 1e6:>14.1f} {e['ratio_to_eager']:>6.2f}x" for e in row["contenders"].values()))
+    if log and "fused" in contenders:
+        for K, n in OVERHEAD_SIZES:
+            t = {r["mode"]: r["contenders"]["fused"]["time_s"] for r in rows if (r["K"], r["numel"]) == (K, n)}
+            log(f"fused, K={K}, {n} elements: forward building the graph / under no_grad = "
+                f"{t['fwd'] / t['fwd no_grad']:.2f}x")
+    return rows
+
+
+def _no_grad(step):
+    def run():
+        with torch.no_grad():
+            return step()
+    return run
+
+
 def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, contenders=CONTENDERS,
         repeats=15, device="cpu", target_s=0.01, log=None):
-    """Runs the benchmark; returns the JSON-ready report."""
+    """Runs the benchmark; returns the JSON-ready report. `cases` names cases
+    of CASES and possibly "overhead" (default: all of them)."""
     device = torch.device(device)
     selected = [c for c in CASES if cases is None or c.name in cases]
-    if log:
+    report = {"machine": machine_info(device), "repeats": repeats, "results": []}
+    if selected and log:
         log(_header(contenders))
-    results = [
+    report["results"] = [
         run_one(case, DTYPES[dt], mode, contenders, repeats, device, target_s, log)
         for case in selected
         for dt in dtypes
         for mode in modes
     ]
-    return {"machine": machine_info(device), "repeats": repeats, "results": results}
+    if cases is None or OVERHEAD in cases:
+        report[OVERHEAD] = run_overhead(contenders, repeats, device, target_s, log)
+    return report
 
 
 def machine_info(device):
@@ -348,13 +423,14 @@ def plot(report, path):
 def add_arguments(parser):
     """Adds the bench options to `parser` (the ``bench`` subcommand)."""
     parser.add_argument("--quick", action="store_true",
-                        help=f"a reduced set ({', '.join(QUICK_CASES)}; float32), under a minute")
+                        help=f"a reduced set ({', '.join(QUICK_CASES)}, {OVERHEAD}; float32), under a minute")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the ratios with matplotlib (optional extra)")
     parser.add_argument("--repeats", type=int, default=None, help="samples per median (default 15, quick 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
-    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="run only these cases")
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES] + [OVERHEAD],
+                        help="run only these cases")
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, help="run only these contenders")
     return parser
 
@@ -380,7 +456,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     contenders = tuple(args.contenders or CONTENDERS)
     report = run_benchmark(
-        cases=args.cases or (QUICK_CASES if args.quick else None),
+        cases=args.cases or (QUICK_CASES + [OVERHEAD] if args.quick else None),
         dtypes=("float32",) if args.quick else ("float32", "bfloat16"),
         contenders=contenders,
         repeats=args.repeats or (5 if args.quick else 15),
@@ -388,8 +464,9 @@ def run(args) -> int:
         target_s=0.003 if args.quick else 0.01,
         log=lambda line: print(line, flush=True),
     )
-    print()
-    print(memory_table(report))
+    if report["results"]:
+        print()
+        print(memory_table(report))
     m = report["machine"]
     print(f"\n{m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
           f"extension loaded: {m['extension_loaded']}")

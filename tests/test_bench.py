@@ -9,8 +9,8 @@ import pytest
 from simplex_param import bench
 
 
-def _check_report(report, cases, contenders):
-    assert set(report) == {"machine", "repeats", "results"}
+def _check_report(report, cases, contenders, overhead=False):
+    assert set(report) == {"machine", "repeats", "results"} | ({"overhead"} if overhead else set())
     assert {"cpu", "cpu_count", "torch", "torch_threads", "extension_loaded"} <= set(report["machine"])
     rows = report["results"]
     assert [(r["case"], r["dtype"], r["mode"]) for r in rows] == [
@@ -44,6 +44,33 @@ def test_bench_quick_with_compile(tmp_path):
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--repeats", "1", "--cases", "multimodal", "--json", str(out)]) == 0
     _check_report(json.loads(out.read_text()), ["multimodal"], bench.CONTENDERS)
+
+
+def test_bench_overhead_case(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--repeats", "1", "--cases", "overhead", "--json", str(out), "--contenders", "fused", "eager"]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    _check_report(report, [], ["fused", "eager"], overhead=True)
+    rows = report["overhead"]
+    assert [(r["K"], r["numel"], r["mode"]) for r in rows] == [
+        (K, n, m) for K, n in bench.OVERHEAD_SIZES for m in ("fwd no_grad", "fwd", "fwd+bwd")
+    ]
+    for r in rows:
+        assert r["contenders"]["eager"]["ratio_to_eager"] == 1.0
+        assert r["contenders"]["fused"]["time_s"] > 0
+    assert "forward building the graph / under no_grad" in capsys.readouterr().out
+
+
+def test_per_row_contenders_agree():
+    # The per-token case's eager and stack contenders compute the same op.
+    import torch
+
+    logits = torch.randn(3, 4, 5)
+    xs = [torch.randn(3, 4, 6) for _ in range(5)]
+    want = bench._contender("fused")(logits, xs)
+    torch.testing.assert_close(bench._eager(logits, xs), want)
+    torch.testing.assert_close(bench._stack_tensordot(logits, xs), want)
 
 
 def test_bench_rejects_bad_arguments():

@@ -123,18 +123,38 @@ def cases(draw, softmax):
             values.append(draw(st.sampled_from([1e4, -1e4, 5e3, -3e3, 1e3])))
         else:
             values.append(-math.inf)
+    # Shared (K,) weights, or one row per element of a leading prefix of the
+    # shape: each row a permutation of the drawn values plus a small shift.
+    rows = draw(st.integers(0, len(shape)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    weights = torch.tensor(values, dtype=torch.float64)
+    if rows:
+        gen = torch.Generator().manual_seed(seed + 1)
+        prefix = shape[:rows]
+        count = math.prod(prefix)
+        perms = torch.stack([torch.randperm(K, generator=gen) for _ in range(count)]) if count else \
+            torch.zeros(0, K, dtype=torch.long)
+        shift = torch.rand(count, K, generator=gen, dtype=torch.float64) - 0.5
+        weights = (weights[perms] + shift).reshape(*prefix, K)
     return {
         "K": K,
         "shape": shape,
         "dtype": dtype,
-        "weights": torch.tensor(values, dtype=wdtype),
+        "weights": weights.to(wdtype),
         "layouts": layouts,
         "temperature": temperature,
         "stacked": draw(st.booleans()),
         "weights_grad": draw(st.booleans()),
         "inputs_grad": [draw(st.booleans()) for _ in range(K)],
-        "seed": draw(st.integers(0, 2**31 - 1)),
+        "seed": seed,
     }
+
+
+def row_perturbation(z, eps):
+    """weight_perturbation applied to every row of z (..., K)."""
+    flat = z.reshape(-1, z.shape[-1])
+    return torch.stack([weight_perturbation(r, eps) for r in flat]).reshape(z.shape) if flat.shape[0] else \
+        torch.zeros_like(z)
 
 
 def run_case(case, softmax):
@@ -167,13 +187,16 @@ def run_case(case, softmax):
     x_abs = torch.stack([x.detach().abs() for x in x64])
     if softmax:
         z = w64.detach() / T
-        p = torch.softmax(z, 0)
-        dp = weight_perturbation(z, eps)
+        p = torch.softmax(z, -1)
+        dp = row_perturbation(z, eps)
     else:
         p = w64.detach()
         dp = eps * p.abs()  # the cast of the weights to the accumulation dtype
-    pv = p.view(K, *[1] * len(case["shape"]))
-    dpv = dp.view_as(pv)
+    # Weights as (K, *rows, 1, ...): broadcastable against the (K, *shape) inputs.
+    rows = p.dim() - 1
+    trailing = len(case["shape"]) - rows
+    pv = p.movedim(-1, 0).reshape(K, *p.shape[:-1], *[1] * trailing)
+    dpv = dp.movedim(-1, 0).reshape(pv.shape)
     scale = (pv.abs() * x_abs).sum(0)
     check_close("out", out, want.detach(), atol + rtol * (want.detach().abs() + scale) + (dpv * x_abs).sum(0))
 
@@ -192,10 +215,13 @@ def run_case(case, softmax):
         gw = got.pop(0)
         assert gw.dtype == weights.dtype
         # D_k = sum |grad * x_k|, the scale of d_k = <grad, x_k>.
-        D = torch.stack([(g64.abs() * x.detach().abs()).sum() for x in x64])
+        dims = list(range(rows, len(case["shape"])))
+        D = torch.stack([(g64.abs() * x.detach().abs()).sum(dims) if dims else g64.abs() * x.detach().abs()
+                         for x in x64], -1)
         if softmax:
-            S = p * (D + (p * D).sum()) / T
-            extra = (dp * (D + (p * D).sum()) + (p + dp) * (dp * D).sum()) / T
+            pD = (p * D).sum(-1, keepdim=True)
+            S = p * (D + pD) / T
+            extra = (dp * (D + pD) + (p + dp) * (dp * D).sum(-1, keepdim=True)) / T
         else:
             S, extra = D, torch.zeros_like(D)
         check_close("grad of weights", gw, want_w, atol + rtol * (want_w.abs() + S) + extra)
