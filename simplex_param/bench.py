@@ -138,6 +138,20 @@ def _sample(step, calls, device):
     return (time.perf_counter() - t0) / calls
 
 
+def _median_times(steps, repeats, device, target_s):
+    """Median seconds per call of each step: a warm-up, then `repeats` samples
+    taken round-robin, each of enough calls to last about `target_s`."""
+    for step in steps.values():
+        step()
+        step()
+    calls = {name: _calls_per_sample(step, device, target_s) for name, step in steps.items()}
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            samples[name].append(_sample(step, calls[name], device))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silences the profiler's start/stop lines, written by C++ to fd 2."""
@@ -220,15 +234,7 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
             step = _step(_contender(name), logits, xs, grad)
         steps[name] = step
 
-    for step in steps.values():  # warm-up
-        step()
-        step()
-    calls = {name: _calls_per_sample(step, device, target_s) for name, step in steps.items()}
-    samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            samples[name].append(_sample(step, calls[name], device))
-    times = {name: statistics.median(s) for name, s in samples.items()}
+    times = _median_times(steps, repeats, device, target_s)
     del src, dst
     steps.pop("floor")
 
@@ -280,15 +286,7 @@ def run_overhead(contenders, repeats, device, target_s, log=None):
             for name in contenders:
                 step = _step(_contender(name), logits, xs, grad if mode == "fwd+bwd" else None)
                 steps[name] = _no_grad(step) if mode == "fwd no_grad" else step
-            for step in steps.values():  # warm-up
-                step()
-                step()
-            calls = {name: _calls_per_sample(step, device, target_s) for name, step in steps.items()}
-            samples = {name: [] for name in steps}
-            for _ in range(repeats):
-                for name, step in steps.items():
-                    samples[name].append(_sample(step, calls[name], device))
-            times = {name: statistics.median(t) for name, t in samples.items()}
+            times = _median_times(steps, repeats, device, target_s)
             row = {"K": K, "numel": n, "mode": mode, "contenders": {
                 name: {"time_s": t, "ratio_to_eager": t / times["eager"]} for name, t in times.items()}}
             rows.append(row)

@@ -401,3 +401,34 @@ def test_right_inverse_wrong_shape_raises():
     with pytest.raises(ValueError, match=r"expected a value of shape \[3, 4\].*got \[3, 5\]"):
         m.weight = torch.rand(3, 5)
     torch.testing.assert_close(m.weight.detach(), before)
+
+
+def test_per_sample_weights_under_torch_func_and_forward_ad():
+    # jvp, vmap and forward-mode AD with (*P, K) logits: the call routes to
+    # the reference, so tangents are exact, never silently empty.
+    torch.manual_seed(30)
+    xs = [torch.randn(4, 5, dtype=torch.float64) for _ in range(3)]
+    logits, tangent = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    out, jvp = torch.func.jvp(lambda l: sp.softmax_weighted_sum(l, xs), (logits,), (tangent,))
+    want, want_jvp = torch.func.jvp(lambda l: reference.softmax_weighted_sum(l, xs), (logits,), (tangent,))
+    assert_close(out, want)
+    assert_close(jvp, want_jvp)
+    assert want_jvp.abs().sum() > 0
+    with fwAD.dual_level():
+        dual = sp.softmax_weighted_sum(fwAD.make_dual(logits, tangent), xs)
+        assert_close(fwAD.unpack_dual(dual).tangent, want_jvp)
+    batch = torch.randn(2, 4, 3, dtype=torch.float64)
+    got = torch.func.vmap(lambda l: sp.softmax_weighted_sum(l, xs))(batch)
+    assert_close(got, torch.stack([reference.softmax_weighted_sum(l, xs) for l in batch]))
+
+
+@pytest.mark.skipif(not COMPILED, reason="tests the compiled op")
+def test_direct_op_call_with_a_tangent_raises():
+    # The compiled op has no forward-mode formula: called directly with a
+    # tangent it raises rather than dropping the tangent.
+    xs = [torch.randn(3, dtype=torch.float64) for _ in range(2)]
+    logits = torch.randn(2, dtype=torch.float64)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(logits, torch.ones_like(logits))
+        with pytest.raises(RuntimeError):
+            fwAD.unpack_dual(torch.ops.simplex_param.softmax_weighted_sum(dual, xs, 1.0))
