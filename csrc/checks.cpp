@@ -62,6 +62,8 @@ std::string py(at::ScalarType t) {
     case at::kBool: return "torch.bool";
     case at::kComplexFloat: return "torch.complex64";
     case at::kComplexDouble: return "torch.complex128";
+    case at::kFloat8_e4m3fn: return "torch.float8_e4m3fn";
+    case at::kFloat8_e5m2: return "torch.float8_e5m2";
     default: return std::string("torch.") + c10::toString(t);
   }
 }
@@ -100,6 +102,12 @@ void check_prefix(const at::Tensor& weights, const char* name, at::IntArrayRef o
   }
 }
 
+// The dtypes the kernels take (weights may have any floating dtype: they are
+// converted first).
+bool kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
 void check_weights(const at::Tensor& weights, const char* name) {
   if (weights.dim() == 0) fail(Error::weights_0d, {{"name", name}});
   if (!at::isFloatingType(weights.scalar_type())) {
@@ -117,7 +125,7 @@ void check_args(const at::Tensor& weights, at::TensorList inputs, const char* na
     fail(Error::weights_k, {{"name", name}, {"n", std::to_string(weights.size(-1))}, {"K", std::to_string(K)}});
   }
   const at::Tensor& x0 = inputs[0];
-  if (!at::isFloatingType(x0.scalar_type())) fail(Error::input_dtype, {{"dtype", py(x0.scalar_type())}});
+  if (!kernel_dtype(x0.scalar_type())) fail(Error::input_dtype, {{"dtype", py(x0.scalar_type())}});
   for (int64_t k = 1; k < K; ++k) {
     const at::Tensor& x = inputs[k];
     const std::string ks = std::to_string(k);
@@ -157,7 +165,7 @@ void check_backward_args(
     fail(Error::requires_grad_count,
          {{"n", std::to_string(inputs_requires_grad.size())}, {"K", std::to_string(K)}});
   }
-  if (!at::isFloatingType(grad.scalar_type())) fail(Error::grad_dtype, {{"dtype", py(grad.scalar_type())}});
+  if (!kernel_dtype(grad.scalar_type())) fail(Error::grad_dtype, {{"dtype", py(grad.scalar_type())}});
   check_prefix(weights, "weights", grad.sizes(), "grad");
   if (weights.device() != grad.device()) {
     fail(Error::weights_device,

@@ -9,7 +9,12 @@ import numbers
 import os
 import re
 
+import torch
 from torch import Tensor
+
+
+# The dtypes the kernels take; weights may have any floating dtype.
+KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 def _read_table() -> dict:
@@ -51,7 +56,7 @@ def check_args(weights: Tensor, inputs: list, name: str) -> None:
     if weights.shape[-1] != K:
         raise error("weights_k", name=name, n=weights.shape[-1], K=K)
     x0 = inputs[0]
-    if not x0.dtype.is_floating_point:
+    if x0.dtype not in KERNEL_DTYPES:
         raise error("input_dtype", dtype=x0.dtype)
     for k in range(1, K):
         x = inputs[k]
@@ -97,7 +102,7 @@ def check_backward_args(grad, weights, inputs, weights_requires_grad, inputs_req
     K = weights.shape[-1]
     if len(inputs_requires_grad) != K:
         raise error("requires_grad_count", n=len(inputs_requires_grad), K=K)
-    if not grad.dtype.is_floating_point:
+    if grad.dtype not in KERNEL_DTYPES:
         raise error("grad_dtype", dtype=grad.dtype)
     _check_prefix(weights, "weights", grad.shape, "grad")
     if weights.device != grad.device:

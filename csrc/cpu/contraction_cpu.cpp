@@ -55,7 +55,7 @@ constexpr int kLanes = 16;
 struct Tiles {
   int64_t rows, row_len;
   int64_t pieces;         // pieces per row: > 1 only for rows longer than kBlock
-  int64_t rows_per_tile;  // > 1 only for rows shorter than kBlock / 2
+  int64_t rows_per_tile;  // > 1 only for rows of at most kBlock / 2
   int64_t count;
 
   Tiles(int64_t rows_, int64_t row_len_) : rows(rows_), row_len(row_len_) {

@@ -274,6 +274,8 @@ void launch_backward(const Contraction& c, cudaStream_t stream) {
   }
   if (need_dot) {
     const int64_t count = c.rows * c.K;
+    TORCH_CHECK((count + kWarps - 1) / kWarps < (int64_t{1} << 31),
+                "simplex_param: too many weights for one CUDA launch: ", count);
     finish_kernel<acc_t><<<(count + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
         partials.const_data_ptr<acc_t>(), count, pieces, static_cast<acc_t*>(c.grad_w));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
