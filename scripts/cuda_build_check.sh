@@ -54,6 +54,7 @@ echo "cuda-build: built in $(( $(date +%s) - start )) s for TORCH_CUDA_ARCH_LIST
 
 LIB=$(ls "$CUDA_BUILD_DIR"/lib/simplex_param/_C*.so)
 "$PY" - "$LIB" <<'EOF'
+import os
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,9 @@ import torch
 
 lib = sys.argv[1]
 torch.ops.load_library(lib)
-ops = ["weighted_sum", "_weighted_sum_backward", "_simplex_map", "_simplex_map_backward", "softmax_weighted_sum"]
+# The package's own list of ops, read without loading its (CPU) extension.
+os.environ["SIMPLEX_PARAM_DISABLE_EXTENSION"] = "1"
+from simplex_param.ops import OPS as ops
 # A kernel for the key itself or, for the composite ops, through an alias key.
 has = torch._C._dispatch_has_computed_kernel_for_dispatch_key
 missing = [f"{op} ({key})" for op in ops for key in ("CUDA", "CPU") if not has(f"simplex_param::{op}", key)]
