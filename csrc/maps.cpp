@@ -41,9 +41,66 @@ at::Tensor identity_vjp(const at::Tensor&, const at::Tensor& grad_w, double temp
   return temperature == 1.0 ? grad_w : grad_w / temperature;
 }
 
+// The number of leading entries of the descending sort `zs` (last dimension)
+// where `in_support` holds: the support's size, at least 1 (a row of all
+// -inf or NaN then gives NaN, as the softmax does).
+at::Tensor support_size(const at::Tensor& in_support) {
+  return in_support.sum(-1, /*keepdim=*/true).clamp_min(1);
+}
+
+// sparsemax(z / T) (Martins & Astudillo, 2016): the Euclidean projection of
+// z / T onto the simplex, max(z / T - tau, 0), with tau from the sorted row.
+at::Tensor sparsemax_forward(const at::Tensor& z, double temperature) {
+  const at::Tensor x = temperature == 1.0 ? z : z / temperature;
+  const at::Tensor xs = std::get<0>(x.sort(-1, /*descending=*/true));
+  const at::Tensor k = at::arange(1, x.size(-1) + 1, x.options());
+  const at::Tensor cumsum = xs.cumsum(-1);
+  const at::Tensor size = support_size(1 + k * xs > cumsum);
+  const at::Tensor tau = (cumsum.gather(-1, size - 1) - 1) / size.to(x.scalar_type());
+  return (x - tau).clamp_min(0);
+}
+
+// On the support S: g - mean over S of g; 0 off it. Divided by T.
+at::Tensor sparsemax_vjp(const at::Tensor& w, const at::Tensor& grad_w, double temperature) {
+  const at::Tensor s = (w > 0).to(grad_w.scalar_type());
+  const at::Tensor mean = (grad_w * s).sum(-1, true) / s.sum(-1, true);
+  const at::Tensor g = s * (grad_w - mean);
+  return temperature == 1.0 ? g : g / temperature;
+}
+
+// 1.5-entmax(z / T) (Peters, Niculae & Martins, 2019): max(x / 2 - tau, 0)^2
+// with tau such that the row sums to 1, exactly, from the sorted row (the
+// algorithm of the entmax package).
+at::Tensor entmax15_forward(const at::Tensor& z, double temperature) {
+  at::Tensor x = (temperature == 1.0 ? z : z / temperature) / 2;
+  x = x - std::get<0>(x.max(-1, /*keepdim=*/true));
+  const at::Tensor xs = std::get<0>(x.sort(-1, /*descending=*/true));
+  const at::Tensor rho = at::arange(1, x.size(-1) + 1, x.options());
+  const at::Tensor mean = xs.cumsum(-1) / rho;
+  const at::Tensor mean_sq = (xs * xs).cumsum(-1) / rho;
+  const at::Tensor delta = (1 - rho * (mean_sq - mean * mean)) / rho;
+  const at::Tensor tau = mean - delta.clamp_min(0).sqrt();
+  const at::Tensor size = support_size(tau <= xs);
+  const at::Tensor y = (x - tau.gather(-1, size - 1)).clamp_min(0);
+  return y * y;
+}
+
+// With r = sqrt(w) (the support's x / 2 - tau): r * g - r * <r, g> / sum(r).
+// sqrt is taken on the support only, so that the product stays differentiable
+// at the zeros (double backward).
+at::Tensor entmax15_vjp(const at::Tensor& w, const at::Tensor& grad_w, double temperature) {
+  const at::Tensor on = w > 0;
+  const at::Tensor r = at::where(on, at::where(on, w, at::ones_like(w)).sqrt(), at::zeros_like(w));
+  const at::Tensor rg = r * grad_w;
+  const at::Tensor g = rg - r * (rg.sum(-1, true) / r.sum(-1, true));
+  return temperature == 1.0 ? g : g / temperature;
+}
+
 constexpr SimplexMap kMaps[] = {
     {"softmax", softmax_forward, softmax_vjp},
     {"identity", identity_forward, identity_vjp},
+    {"sparsemax", sparsemax_forward, sparsemax_vjp},
+    {"entmax15", entmax15_forward, entmax15_vjp},
 };
 
 std::string map_names() {

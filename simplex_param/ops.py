@@ -86,15 +86,26 @@ def _mapped_weighted_sum(logits, inputs, map: str, temperature) -> Tensor:
 def simplex_weighted_sum(logits: Tensor, inputs, *, map: str = "softmax", temperature=1.0) -> Tensor:
     r"""Fused ``sum_k map(logits / temperature)[..., k] * inputs[k]``.
 
-    The map acts on the last dimension of ``logits``: ``"softmax"`` (see
-    :func:`softmax_weighted_sum`) or ``"identity"`` (the scaled logits as
-    given: :func:`weighted_sum` when ``temperature`` is 1).
+    The map acts on the last dimension of ``logits``, row by row:
+
+    - ``"softmax"``: see :func:`softmax_weighted_sum`;
+    - ``"sparsemax"``: the Euclidean projection onto the simplex,
+      ``max(x - tau, 0)`` (Martins & Astudillo, 2016), with exact zeros;
+    - ``"entmax15"``: 1.5-entmax, ``max(x / 2 - tau, 0) ** 2`` (Peters et
+      al., 2019), between the two, also with exact zeros;
+    - ``"identity"``: the scaled logits as given (:func:`weighted_sum` when
+      ``temperature`` is 1).
+
+    ``x`` is ``logits / temperature`` and ``tau`` the threshold that makes the
+    row sum to one. Rows of all ``-inf``, or with ``+inf`` or NaN, give NaN.
 
     Example::
 
         >>> xs = [torch.full((2,), float(k)) for k in range(3)]
         >>> sp.simplex_weighted_sum(torch.tensor([0.5, 0.5, 0.0]), xs, map="identity")
         tensor([0.5000, 0.5000])
+        >>> sp.simplex_weighted_sum(torch.tensor([2.0, 1.5, -1.0]), xs, map="sparsemax")  # weights 0.75, 0.25, 0
+        tensor([0.2500, 0.2500])
     """
     if not isinstance(map, str):
         raise TypeError(f"map must be a str, got {type(map).__name__}")

@@ -40,7 +40,31 @@ def _identity(z: Tensor, temperature: float) -> Tensor:
     return z.clone() if temperature == 1.0 else z / temperature
 
 
-MAPS = {"softmax": _softmax, "identity": _identity}
+def _sparsemax(z: Tensor, temperature: float) -> Tensor:
+    """The Euclidean projection of z / T onto the simplex: max(x - tau, 0)."""
+    x = z if temperature == 1.0 else z / temperature
+    xs = x.sort(-1, descending=True).values
+    k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
+    cumsum = xs.cumsum(-1)
+    size = (1 + k * xs > cumsum).sum(-1, keepdim=True).clamp_min(1)
+    tau = (cumsum.gather(-1, size - 1) - 1) / size.to(x.dtype)
+    return (x - tau).clamp_min(0)
+
+
+def _entmax15(z: Tensor, temperature: float) -> Tensor:
+    """1.5-entmax of z / T: max(x / 2 - tau, 0)^2 summing to one, by sorting."""
+    x = (z if temperature == 1.0 else z / temperature) / 2
+    x = x - x.max(-1, keepdim=True).values
+    xs = x.sort(-1, descending=True).values
+    rho = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
+    mean = xs.cumsum(-1) / rho
+    mean_sq = (xs * xs).cumsum(-1) / rho
+    tau = mean - ((1 - rho * (mean_sq - mean * mean)) / rho).clamp_min(0).sqrt()
+    size = (tau <= xs).sum(-1, keepdim=True).clamp_min(1)
+    return (x - tau.gather(-1, size - 1)).clamp_min(0) ** 2
+
+
+MAPS = {"softmax": _softmax, "identity": _identity, "sparsemax": _sparsemax, "entmax15": _entmax15}
 
 
 def simplex_weighted_sum(logits: Tensor, inputs: list[Tensor], map: str = "softmax", temperature: float = 1.0) -> Tensor:
