@@ -3,13 +3,15 @@ r"""Fusion layers on the fused operator.
 :class:`SimplexFusion` mixes K same-shaped inputs (modalities, branches, the
 candidate operations of a DARTS cell) with learned weights on the simplex;
 :class:`LazySimplexFusion` infers K from its first call; :class:`ScalarMix` is
-a drop-in for AllenNLP's ``ScalarMix`` (the ELMo-style mix of layer outputs)
-that also loads its checkpoints.
+a drop-in for AllenNLP's ``ScalarMix`` (the ELMo-style mix of layer outputs),
+down to its parameters and checkpoints.
 
-Each keeps its weights as a 1-D parameter parametrized by
+The fusion layers keep their weights as a 1-D parameter parametrized by
 :class:`~simplex_param.Simplex`, stored as the pre-softmax values
-``parametrizations.weight.original``, and runs one fused pass over the inputs.
+``parametrizations.weight.original``; ScalarMix keeps AllenNLP's
+``scalar_parameters``. Each runs one fused pass over the inputs.
 """
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Optional
@@ -278,31 +280,34 @@ class ScalarMix(nn.Module):
             t_k & \text{otherwise}
         \end{cases}
 
+    A drop-in for ``allennlp.modules.scalar_mix.ScalarMix``, down to its
+    parameters: the pre-softmax :math:`z` are ``scalar_parameters``, an
+    :class:`~torch.nn.ParameterList` of K one-element parameters, and
+    ``gamma`` has shape ``(1,)``. Reading or setting them (``.data``,
+    ``fill_``) and handing them to an optimizer act on the values the layer
+    uses, and the state_dict has AllenNLP's keys, ``scalar_parameters.0`` ...
+    ``scalar_parameters.{K-1}`` and ``gamma``, so AllenNLP checkpoints load as
+    they are. ``self.weight`` reads as :math:`s`.
+
     With ``do_layer_norm=True``, :math:`\mu_k` and :math:`\sigma_k^2` are the
     mean and (biased) variance of all the unmasked elements of :math:`t_k`
     (a position is unmasked when ``mask`` is nonzero there; the mask covers
     every dimension but the last), exactly as AllenNLP computes them, with
     AllenNLP's :math:`\epsilon`: ``1e-4`` for float16 inputs, ``1e-13``
     otherwise. The statistics and the normalisation are computed in float32
-    for float16 and bfloat16 inputs (AllenNLP's own raises for bfloat16), and
-    the result has the inputs' dtype. An all-masked ``mask`` gives NaN, as in
-    AllenNLP.
+    for float16 and bfloat16 inputs, and the result has the inputs' dtype. An
+    all-masked ``mask`` gives NaN, as in AllenNLP.
 
-    The pre-softmax :math:`z` is ``parametrizations.weight.original`` (shape
-    ``(K,)``; ``self.weight`` reads as :math:`s`) and ``gamma`` has shape
-    ``(1,)``. Since :math:`\gamma s` is a vector of K numbers, the mix is one
+    Since :math:`\gamma s` is a vector of K numbers, the mix is one
     :func:`simplex_param.weighted_sum` pass over the tensors.
-
-    ``load_state_dict`` also accepts AllenNLP checkpoints, with the keys
-    ``scalar_parameters.0`` ... ``scalar_parameters.{K-1}`` (one value each)
-    and ``gamma``; a checkpoint for another K is an error.
 
     Args:
         mixture_size (int): K, the number of tensors to mix.
         do_layer_norm (bool, optional): normalise each tensor first.
             Default: ``False``.
         initial_scalar_parameters (list of float, optional): K pre-softmax
-            values, as in AllenNLP. Default: zeros (uniform weights).
+            values, as in AllenNLP; ``-inf`` gives a layer the weight 0 (at
+            least one must be finite). Default: zeros (uniform weights).
         trainable (bool, optional): whether the weights and ``gamma`` learn.
             Default: ``True``.
 
@@ -318,6 +323,9 @@ class ScalarMix(nn.Module):
         >>> mix = sp.ScalarMix(3, initial_scalar_parameters=[0.0, 0.0, 1.0])
         >>> mix.weight
         tensor([0.2119, 0.2119, 0.5761], grad_fn=<SoftmaxBackward0>)
+        >>> mix.scalar_parameters[2]
+        Parameter containing:
+        tensor([1.], requires_grad=True)
         >>> layers = [torch.full((1, 2), float(k)) for k in range(3)]
         >>> mix(layers)
         tensor([[1.3642, 1.3642]], grad_fn=<...>)
@@ -341,22 +349,25 @@ class ScalarMix(nn.Module):
                 raise ValueError(
                     f"initial_scalar_parameters has {initial.numel()} values but mixture_size is {self.mixture_size}"
                 )
-            if not bool(torch.isfinite(initial).all()):
-                raise ValueError(f"initial_scalar_parameters must be finite, got {initial.tolist()}")
-        self.weight = nn.Parameter(torch.zeros(self.mixture_size))
-        parametrize.register_parametrization(self, "weight", Simplex())
-        original = self.parametrizations.weight.original
-        with torch.no_grad():
-            # The values are pre-softmax even when they happen to sum to one,
-            # so they are set directly rather than through right_inverse.
-            original.copy_(initial)
-        self.gamma = nn.Parameter(torch.ones(1))
-        original.requires_grad_(trainable)
-        self.gamma.requires_grad_(trainable)
-        self.register_load_state_dict_pre_hook(ScalarMix._load_allennlp_keys)
+            if initial.isnan().any() or (initial == math.inf).any() or not initial.isfinite().any():
+                raise ValueError(
+                    "initial_scalar_parameters must be finite or -inf (a weight of 0), with at least one "
+                    f"finite, got {initial.tolist()}"
+                )
+        # One (1,) parameter per layer, as AllenNLP keeps them.
+        self.scalar_parameters = nn.ParameterList(
+            [nn.Parameter(initial[k : k + 1].clone(), requires_grad=trainable) for k in range(self.mixture_size)]
+        )
+        self.gamma = nn.Parameter(torch.ones(1), requires_grad=trainable)
+        self.register_load_state_dict_pre_hook(ScalarMix._check_checkpoint)
 
     def extra_repr(self) -> str:
         return f"mixture_size={self.mixture_size}, do_layer_norm={self.do_layer_norm}"
+
+    @property
+    def weight(self) -> Tensor:
+        """The mixing weights :math:`s = \mathrm{softmax}(z)`, shape ``(K,)``."""
+        return torch.softmax(torch.cat(list(self.scalar_parameters)), 0)
 
     def forward(self, tensors, mask: Optional[Tensor] = None) -> Tensor:
         tensors = ops._as_list(tensors)
@@ -387,26 +398,23 @@ class ScalarMix(nn.Module):
         return ops.weighted_sum(coefficients, normed).to(dtype)
 
     @staticmethod
-    def _load_allennlp_keys(module, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
-        """Map AllenNLP's ``scalar_parameters.k`` onto ``parametrizations.weight.original``."""
+    def _check_checkpoint(module, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        """A checkpoint of another K is an error even with strict=False; one
+        saved by simplex_param 0.1 (the K values in one tensor,
+        ``parametrizations.weight.original``) is split into scalar_parameters."""
+        old = prefix + "parametrizations.weight.original"
+        if old in state_dict:
+            values = state_dict.pop(old).reshape(-1)
+            for k, v in enumerate(values):
+                state_dict[f"{prefix}scalar_parameters.{k}"] = v.reshape(1)
         head = prefix + "scalar_parameters."
-        found = [key for key in state_dict if key.startswith(head)]
-        if not found:
-            return
-        wanted = [f"{head}{k}" for k in range(module.mixture_size)]
-        if sorted(found) != sorted(wanted):
+        found = sorted(key for key in state_dict if key.startswith(head))
+        wanted = sorted(f"{head}{k}" for k in range(module.mixture_size))
+        if found and found != wanted:
             error_msgs.append(
-                f"AllenNLP ScalarMix checkpoint has {len(found)} scalar_parameters "
-                f"({', '.join(sorted(found))}) but mixture_size is {module.mixture_size}"
+                f"ScalarMix checkpoint has {len(found)} scalar_parameters "
+                f"({', '.join(found)}) but mixture_size is {module.mixture_size}"
             )
-            return
-        values = [state_dict[key] for key in wanted]
-        if any(v.numel() != 1 for v in values):
-            error_msgs.append(f"each of {head}0.. must hold one value, got shapes {[list(v.shape) for v in values]}")
-            return
-        for key in wanted:
-            del state_dict[key]
-        state_dict[prefix + "parametrizations.weight.original"] = torch.cat([v.reshape(1) for v in values])
 
 
 def _masked_standardize(t: Tensor, m: Tensor, count: Tensor, eps: float) -> Tensor:

@@ -351,10 +351,14 @@ def test_scalar_mix_matches_allennlp(norm, dtype, device):
     assert_close(out, allennlp_mix(scalars, 1.5, tensors, mask if norm else None).to(dtype))
 
 
+def pre_weights(mix_):
+    return torch.cat(list(mix_.scalar_parameters))
+
+
 def test_scalar_mix_initial_parameters_are_pre_softmax():
     # [0.2, 0.3, 0.5] sums to one, yet it is pre-softmax, as in AllenNLP.
     mix_ = sp.ScalarMix(3, initial_scalar_parameters=[0.2, 0.3, 0.5])
-    assert_close(mix_.parametrizations.weight.original, torch.tensor([0.2, 0.3, 0.5]))
+    assert_close(pre_weights(mix_), torch.tensor([0.2, 0.3, 0.5]))
     assert_close(mix_.weight, torch.softmax(torch.tensor([0.2, 0.3, 0.5]), 0))
     assert_close(sp.ScalarMix(4).weight, torch.full((4,), 0.25))
     assert mix_.gamma.shape == (1,) and mix_.gamma.item() == 1.0
@@ -383,7 +387,7 @@ def test_scalar_mix_trains():
     xs = [torch.randn(4, 2) for _ in range(3)]
     (mix_(xs) * xs[2]).sum().backward()
     assert mix_.gamma.grad is not None
-    assert mix_.parametrizations.weight.original.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in mix_.scalar_parameters)
 
 
 def allennlp_state_dict(scalars, gamma, prefix=""):
@@ -397,7 +401,7 @@ def test_scalar_mix_loads_allennlp_checkpoint():
     torch.manual_seed(13)
     mix_ = sp.ScalarMix(3, do_layer_norm=True)
     mix_.load_state_dict(allennlp_state_dict([0.5, -1.0, 2.0], 0.75))
-    assert_close(mix_.parametrizations.weight.original, torch.tensor([0.5, -1.0, 2.0]))
+    assert_close(pre_weights(mix_), torch.tensor([0.5, -1.0, 2.0]))
     assert mix_.gamma.item() == 0.75
     tensors, mask = padded_batch(torch.float32, "cpu")
     assert_close(mix_(tensors, mask), allennlp_mix([0.5, -1.0, 2.0], 0.75, tensors, mask).float())
@@ -423,7 +427,8 @@ def test_scalar_mix_state_dict_round_trip():
     a = sp.ScalarMix(3, do_layer_norm=True, initial_scalar_parameters=[1.0, 0.0, -1.0])
     with torch.no_grad():
         a.gamma.fill_(3.0)
-    assert set(a.state_dict()) == {"gamma", ORIGINAL}
+    # AllenNLP's keys.
+    assert set(a.state_dict()) == {"gamma", "scalar_parameters.0", "scalar_parameters.1", "scalar_parameters.2"}
     b = sp.ScalarMix(3, do_layer_norm=True)
     b.load_state_dict(a.state_dict())
     tensors, mask = padded_batch(torch.float32, "cpu")
@@ -440,7 +445,8 @@ def test_scalar_mix_gradcheck(norm):
     gamma = torch.tensor([1.3], dtype=torch.float64, requires_grad=True)
 
     def f(z, gamma, *xs):
-        return functional_call(mix_, {ORIGINAL: z, "gamma": gamma}, (list(xs), mask))
+        params = {f"scalar_parameters.{k}": z[k : k + 1] for k in range(3)}
+        return functional_call(mix_, {**params, "gamma": gamma}, (list(xs), mask))
 
     assert gradcheck(f, (z, gamma, *xs))
 
@@ -456,7 +462,7 @@ def test_scalar_mix_compile_fullgraph(norm):
     out = compiled(tensors, mask)
     expected = mix_(tensors, mask)
     assert_close(out, expected)
-    params = [mix_.parametrizations.weight.original, mix_.gamma, tensors[1]]
+    params = [*mix_.scalar_parameters, mix_.gamma, tensors[1]]
     for a, b in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(expected.sum(), params)):
         assert_close(a, b)
 
@@ -464,8 +470,9 @@ def test_scalar_mix_compile_fullgraph(norm):
 def test_scalar_mix_bad_arguments():
     with pytest.raises(ValueError, match="initial_scalar_parameters has 2 values but mixture_size is 3"):
         sp.ScalarMix(3, initial_scalar_parameters=[0.0, 1.0])
-    with pytest.raises(ValueError, match="must be finite"):
-        sp.ScalarMix(2, initial_scalar_parameters=[0.0, float("nan")])
+    for bad in ([0.0, float("nan")], [0.0, float("inf")], [float("-inf")] * 2):
+        with pytest.raises(ValueError, match="must be finite or -inf"):
+            sp.ScalarMix(2, initial_scalar_parameters=bad)
     with pytest.raises(ValueError, match="mixture_size must be at least 1"):
         sp.ScalarMix(0)
     mix_ = sp.ScalarMix(3, do_layer_norm=True)
@@ -480,3 +487,102 @@ def test_scalar_mix_bad_arguments():
         mix_(xs, torch.ones(2, 5, 4))
     with pytest.raises(TypeError, match="floating dtype"):
         mix_([torch.ones(2, 5, 4, dtype=torch.long)] * 3, torch.ones(2, 5))
+
+
+def test_scalar_mix_loads_its_own_older_checkpoints():
+    # simplex_param 0.1 saved the K pre-weights as one tensor.
+    old = {"parametrizations.weight.original": torch.tensor([0.3, -0.2, 1.0]), "gamma": torch.tensor([2.0])}
+    mix_ = sp.ScalarMix(3)
+    mix_.load_state_dict(old)
+    assert_close(pre_weights(mix_), torch.tensor([0.3, -0.2, 1.0]))
+    assert mix_.gamma.item() == 2.0
+
+
+def test_scalar_mix_neg_inf_initial_value_is_a_zero_weight():
+    # AllenNLP accepts -inf: that layer gets weight exactly 0, forward and backward.
+    mix_ = sp.ScalarMix(3, initial_scalar_parameters=[0.0, float("-inf"), 0.0])
+    assert mix_.weight[1] == 0 and torch.isfinite(mix_.weight).all()
+    xs = [torch.randn(2, 4, requires_grad=True) for _ in range(3)]
+    out = mix_(xs)
+    assert_close(out, 0.5 * xs[0] + 0.5 * xs[2])
+    out.square().sum().backward()
+    assert torch.isfinite(mix_.scalar_parameters[0].grad).all()
+    assert mix_.scalar_parameters[1].grad.item() == 0
+    assert torch.equal(xs[1].grad, torch.zeros(2, 4))
+
+
+def test_scalar_mix_parameters_drive_the_layer():
+    # Code that sets mix.scalar_parameters[k] or builds optimizer groups from
+    # the name acts on the values the layer uses.
+    torch.manual_seed(16)
+    mix_ = sp.ScalarMix(2)
+    mix_.scalar_parameters[1].data.fill_(2.0)
+    assert_close(mix_.weight, torch.softmax(torch.tensor([0.0, 2.0]), 0))
+    groups = [
+        {"params": [p for n, p in mix_.named_parameters() if n.startswith("scalar_parameters")], "lr": 1.0},
+        {"params": [mix_.gamma], "lr": 0.0},
+    ]
+    opt = torch.optim.SGD(groups)
+    xs = [torch.zeros(3), torch.ones(3)]
+    before = mix_(xs).sum().item()
+    (-mix_(xs).sum()).backward()
+    opt.step()
+    assert mix_(xs).sum().item() > before  # the weight of the ones grew
+    assert mix_.gamma.item() == 1.0
+
+
+# AllenNLP's own ScalarMix tests (allenai/allennlp, tests/modules/scalar_mix_test.py),
+# rewritten here with only the layer swapped for ours. ConfigurationError
+# there is ValueError here.
+
+def test_allennlp_scalar_mix_can_run_forward():
+    mixture = sp.ScalarMix(3)
+    tensors = [torch.randn([3, 4, 5]) for _ in range(3)]
+    for k in range(3):
+        mixture.scalar_parameters[k].data[0] = 0.1 * (k + 1)
+    mixture.gamma.data[0] = 0.5
+    result = mixture(tensors)
+    weights = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    normed = torch.exp(weights) / torch.exp(weights).sum()
+    expected = 0.5 * sum(normed[k] * tensors[k].double() for k in range(3))
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=1.5e-7)
+
+
+def test_allennlp_scalar_mix_throws_error_on_incorrect_number_of_inputs():
+    mixture = sp.ScalarMix(3)
+    tensors = [torch.randn([3, 4, 5]) for _ in range(5)]
+    with pytest.raises(ValueError):
+        mixture(tensors)
+
+
+def test_allennlp_scalar_mix_throws_error_on_incorrect_initial_scalar_parameters_length():
+    with pytest.raises(ValueError):
+        sp.ScalarMix(3, initial_scalar_parameters=[0.0, 0.0])
+
+
+def test_allennlp_scalar_mix_trainable_with_initial_scalar_parameters():
+    initial_scalar_parameters = [1.0, 2.0, 3.0]
+    mixture = sp.ScalarMix(3, initial_scalar_parameters=initial_scalar_parameters, trainable=False)
+    for i, scalar_mix_parameter in enumerate(mixture.scalar_parameters):
+        assert scalar_mix_parameter.requires_grad is False
+        assert scalar_mix_parameter.item() == initial_scalar_parameters[i]
+
+
+def test_allennlp_scalar_mix_layer_norm():
+    mixture = sp.ScalarMix(3, do_layer_norm=True)
+    tensors = [torch.randn([3, 4, 5]) for _ in range(3)]
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[1, 2:] = False
+    weights = [0.1, 0.2, 0.3]
+    for k in range(3):
+        mixture.scalar_parameters[k].data[0] = weights[k]
+    mixture.gamma.data[0] = 0.5
+    result = mixture(tensors, mask)
+    w = torch.tensor(weights, dtype=torch.float64)
+    normed = torch.exp(w) / torch.exp(w).sum()
+    expected = torch.zeros(3, 4, 5, dtype=torch.float64)
+    for k in range(3):
+        values = tensors[k].double()[mask]
+        normed_tensor = (tensors[k].double() - values.mean()) / (values.std(unbiased=False) + 1e-12)
+        expected += normed_tensor * normed[k]
+    torch.testing.assert_close(result.double(), 0.5 * expected, rtol=0, atol=1.5e-6)
