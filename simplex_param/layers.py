@@ -23,7 +23,7 @@ from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
 from . import checks, ops
-from .parametrization import Simplex
+from .parametrization import Simplex, _check_map
 
 __all__ = ["SimplexFusion", "LazySimplexFusion", "ScalarMix"]
 
@@ -76,19 +76,24 @@ class SimplexFusion(nn.Module):
 
     .. math::
         y = \sum_{k=1}^{K} w_k x_k \;(+\, b), \qquad
-        w = \mathrm{softmax}(z / T)
+        w = \mathrm{map}(z / T)
+
+    with the map ``"softmax"`` (the default), or ``"sparsemax"`` or
+    ``"entmax15"``, which give exact zeros (see
+    :func:`simplex_param.simplex_weighted_sum`).
 
     The pre-weights :math:`z` are the parameter
     ``parametrizations.weight.original`` (shape ``(K,)``, zeros at first: uniform
     weights); ``self.weight`` reads as the probabilities :math:`w`, and
     assigning probabilities to it sets :math:`z` so that it reads them back.
-    The forward is :func:`simplex_param.softmax_weighted_sum` of :math:`z`: the
-    softmax happens inside the fused kernel, which reads each input once.
+    The forward is :func:`simplex_param.simplex_weighted_sum` of :math:`z`: one
+    fused call, which reads each input once.
 
     **Missing inputs.** A ``None`` entry marks an absent input (a dropped
     modality, a missing sensor). The weights are renormalised over the present
-    inputs, :math:`w_k / \sum_{j\,\mathrm{present}} w_j`, which is the softmax
-    of the present pre-weights, and stay differentiable. All absent is an error.
+    inputs: the map of the present pre-weights (for the softmax,
+    :math:`w_k / \sum_{j\,\mathrm{present}} w_j`), and stay differentiable.
+    All absent is an error.
 
     **Weight dropout.** With ``weight_dropout=p``, in training mode each present
     input is dropped with probability ``p`` and the weights are renormalised
@@ -105,6 +110,8 @@ class SimplexFusion(nn.Module):
             finite. Default: ``1.0``.
         weight_dropout (float, optional): probability of dropping each input
             in training, in ``[0, 1]``. Default: ``0.0``.
+        map (str, optional): ``"softmax"``, ``"sparsemax"`` or ``"entmax15"``.
+            Default: ``"softmax"``.
         device, dtype: of the parameters, as in other ``torch.nn`` layers.
             The inputs may have another floating dtype (float32 weights with
             bfloat16 inputs is the usual mixed-precision case).
@@ -140,6 +147,7 @@ class SimplexFusion(nn.Module):
         bias: bool = False,
         temperature: float = 1.0,
         weight_dropout: float = 0.0,
+        map: str = "softmax",
         device=None,
         dtype=None,
     ) -> None:
@@ -147,6 +155,7 @@ class SimplexFusion(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.temperature = checks.check_float_temperature(temperature)
         self.weight_dropout = _check_probability(weight_dropout)
+        self.map = _check_map(map)
         if bias:
             self.bias = nn.Parameter(torch.zeros((), **factory))
         else:
@@ -159,7 +168,7 @@ class SimplexFusion(nn.Module):
         self._parametrize_weight()
 
     def _parametrize_weight(self) -> None:
-        parametrize.register_parametrization(self, "weight", Simplex(temperature=self.temperature))
+        parametrize.register_parametrization(self, "weight", Simplex(temperature=self.temperature, map=self.map))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -170,9 +179,10 @@ class SimplexFusion(nn.Module):
                 self.bias.zero_()
 
     def extra_repr(self) -> str:
+        extra = "" if self.map == "softmax" else f", map={self.map!r}"
         return (
             f"num_inputs={self.num_inputs}, temperature={self.temperature}, "
-            f"weight_dropout={self.weight_dropout}, bias={self.bias is not None}"
+            f"weight_dropout={self.weight_dropout}, bias={self.bias is not None}{extra}"
         )
 
     def forward(self, inputs) -> Tensor:
@@ -189,7 +199,7 @@ class SimplexFusion(nn.Module):
                 inputs = [inputs[k] for k in present]
         if self.training and self.weight_dropout > 0 and logits.shape[0] > 1:
             logits = _drop_logits(logits, self.weight_dropout)
-        out = ops.softmax_weighted_sum(logits, inputs, temperature=self.temperature)
+        out = ops.simplex_weighted_sum(logits, inputs, map=self.map, temperature=self.temperature)
         if self.bias is not None:
             out = out + self.bias
         return out
@@ -210,7 +220,7 @@ class LazySimplexFusion(LazyModuleMixin, SimplexFusion):
     ``ValueError``.
 
     Args:
-        bias, temperature, weight_dropout, device, dtype: as in
+        bias, temperature, weight_dropout, map, device, dtype: as in
             :class:`SimplexFusion`.
 
     Example::
@@ -234,11 +244,13 @@ class LazySimplexFusion(LazyModuleMixin, SimplexFusion):
         bias: bool = False,
         temperature: float = 1.0,
         weight_dropout: float = 0.0,
+        map: str = "softmax",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__(
-            None, bias=bias, temperature=temperature, weight_dropout=weight_dropout, device=device, dtype=dtype
+            None, bias=bias, temperature=temperature, weight_dropout=weight_dropout, map=map, device=device,
+            dtype=dtype,
         )
         self.register_load_state_dict_pre_hook(LazySimplexFusion._materialize_from_state_dict)
 

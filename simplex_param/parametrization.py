@@ -13,8 +13,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import checks, ops
+from . import checks, ops, reference
 from .reference import acc_dtype
+
+# The maps whose values lie on the simplex (reference.MAPS has identity too).
+SIMPLEX_MAPS = ("softmax", "sparsemax", "entmax15")
 
 __all__ = ["Simplex", "simplex", "combine"]
 
@@ -55,8 +58,12 @@ class Simplex(nn.Module):
     r"""Parametrization of a tensor whose slices along ``dim`` are probability vectors.
 
     .. math::
-        W = \mathrm{softmax}(Z / T, \mathrm{dim}), \qquad
+        W = \mathrm{map}(Z / T, \mathrm{dim}), \qquad
         W \ge 0, \quad \textstyle\sum_{\mathrm{dim}} W = 1
+
+    with the map ``"softmax"`` (the default), or ``"sparsemax"`` or
+    ``"entmax15"``, which give exact zeros (see
+    :func:`simplex_param.simplex_weighted_sum`).
 
     where :math:`Z` are the unconstrained pre-weights stored by
     :func:`torch.nn.utils.parametrize.register_parametrization` in
@@ -71,10 +78,14 @@ class Simplex(nn.Module):
     * a ``value`` that lies on the simplex along ``dim`` (every entry
       ``>= 0``, every sum equal to one within ``1e-6`` for float64, ``1e-4`` for
       float32, ``1e-2`` for float16, ``3e-2`` for bfloat16) is taken as
-      probabilities: the pre-weights become the centred
-      ``log(clamp(value, floor)) * T``, so that the parametrized tensor gives
-      ``value`` back. The floor, ``max(tiny, eps**2)`` of the dtype, keeps zeros
-      finite;
+      probabilities: the pre-weights become ``Z`` such that the parametrized
+      tensor gives ``value`` back. For the softmax, the centred
+      ``log(clamp(value, floor)) * T``, whose floor ``max(tiny, eps**2)`` of
+      the dtype keeps zeros finite (they come back as tiny weights). For
+      sparsemax, ``value * T``; for entmax15, ``2 * sqrt(value) * T``, where
+      ``sparsemax(p) = p`` and ``entmax15(2 sqrt(p)) = p`` on the simplex; a
+      zero entry gets the pre-weight ``-T``, below the threshold, so zeros
+      come back exactly zero;
     * any other finite ``value`` is taken as the pre-weights themselves. So
       registering on a freshly initialised parameter keeps its values as
       pre-weights, as in the classic recipe;
@@ -87,6 +98,8 @@ class Simplex(nn.Module):
             one; ``None`` for all entries. Default: ``-1``.
         temperature (float, optional): softmax temperature, positive and
             finite. Default: ``1.0``.
+        map (str, optional): ``"softmax"``, ``"sparsemax"`` or ``"entmax15"``.
+            Default: ``"softmax"``.
 
     Example::
 
@@ -110,22 +123,32 @@ class Simplex(nn.Module):
                 [0.2000, 0.3000, 0.5000]], grad_fn=<SoftmaxBackward0>)
     """
 
-    def __init__(self, dim: Optional[int] = -1, temperature: float = 1.0) -> None:
+    def __init__(self, dim: Optional[int] = -1, temperature: float = 1.0, map: str = "softmax") -> None:
         super().__init__()
         self.dim = _check_dim_type(dim)
         self.temperature = checks.check_float_temperature(temperature)
+        self.map = _check_map(map)
         # The shape of the tensor registered with; later assignments must keep it.
         self.shape: Optional[torch.Size] = None
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, temperature={self.temperature}"
+        extra = "" if self.map == "softmax" else f", map={self.map!r}"
+        return f"dim={self.dim}, temperature={self.temperature}{extra}"
 
     def forward(self, X: Tensor) -> Tensor:
-        Xc = X.to(acc_dtype(X.dtype)) / self.temperature
+        Xc = X.to(acc_dtype(X.dtype))
+        if self.map == "softmax":
+            Xc = Xc / self.temperature
+            if self.dim is None:
+                W = torch.softmax(Xc.reshape(-1), dim=0).reshape(X.shape)
+            else:
+                W = torch.softmax(Xc, dim=self.dim)
+            return W.to(X.dtype)
+        f = reference.MAPS[self.map]
         if self.dim is None:
-            W = torch.softmax(Xc.reshape(-1), dim=0).reshape(X.shape)
+            W = f(Xc.reshape(-1), self.temperature).reshape(X.shape)
         else:
-            W = torch.softmax(Xc, dim=self.dim)
+            W = f(Xc.movedim(self.dim, -1), self.temperature).movedim(-1, self.dim)
         return W.to(X.dtype)
 
     def _on_simplex(self, Y: Tensor, dtype: torch.dtype) -> bool:
@@ -159,9 +182,15 @@ class Simplex(nn.Module):
             )
         if not self._on_simplex(Yc, Y.dtype):
             return Y.clone()
-        info = torch.finfo(Y.dtype)
-        Z = Yc.clamp_min(max(info.tiny, info.eps**2)).log()
-        Z = Z - (Z.mean() if self.dim is None else Z.mean(dim=self.dim, keepdim=True))
+        if self.map == "softmax":
+            info = torch.finfo(Y.dtype)
+            Z = Yc.clamp_min(max(info.tiny, info.eps**2)).log()
+            Z = Z - (Z.mean() if self.dim is None else Z.mean(dim=self.dim, keepdim=True))
+        else:
+            # sparsemax(p) = p and entmax15(2 sqrt(p)) = p on the simplex; zeros
+            # get -1, below the threshold (near 0), so they map back to 0.
+            support = Yc if self.map == "sparsemax" else 2 * Yc.sqrt()
+            Z = torch.where(Yc > 0, support, torch.full_like(Yc, -1.0))
         Z = (Z * self.temperature).to(Y.dtype)
         if not bool(torch.isfinite(Z).all()):
             raise ValueError(
@@ -169,6 +198,14 @@ class Simplex(nn.Module):
                 f"{Y.dtype} at temperature {self.temperature}"
             )
         return Z
+
+
+def _check_map(map) -> str:
+    if not isinstance(map, str):
+        raise TypeError(f"map must be a str, got {type(map).__name__}")
+    if map not in SIMPLEX_MAPS:
+        raise ValueError(f"map must be one of {', '.join(repr(m) for m in SIMPLEX_MAPS)}, got {map!r}")
+    return map
 
 
 def _get_tensor(module: nn.Module, name: str) -> Tensor:
@@ -182,7 +219,9 @@ def _get_tensor(module: nn.Module, name: str) -> Tensor:
     return t
 
 
-def simplex(module: nn.Module, name: str = "weight", *, dim: Optional[int] = -1, temperature: float = 1.0) -> nn.Module:
+def simplex(
+    module: nn.Module, name: str = "weight", *, dim: Optional[int] = -1, temperature: float = 1.0, map: str = "softmax"
+) -> nn.Module:
     r"""Constrain ``module.<name>`` to the probability simplex along ``dim``.
 
     Registers :class:`Simplex` on the tensor: from then on
@@ -204,6 +243,8 @@ def simplex(module: nn.Module, name: str = "weight", *, dim: Optional[int] = -1,
             one; ``None`` for all entries. Default: ``-1``.
         temperature (float, optional): softmax temperature, positive and
             finite. Default: ``1.0``.
+        map (str, optional): ``"softmax"``, ``"sparsemax"`` or ``"entmax15"``
+            (see :class:`Simplex`). Default: ``"softmax"``.
 
     Returns:
         The module, with the parametrization registered.
@@ -230,7 +271,7 @@ def simplex(module: nn.Module, name: str = "weight", *, dim: Optional[int] = -1,
     _check_floating(t, f"module.{name}")
     dim = _check_dim_type(dim)
     _check_dim_range(dim, t.dim())
-    return parametrize.register_parametrization(module, name, Simplex(dim=dim, temperature=temperature))
+    return parametrize.register_parametrization(module, name, Simplex(dim=dim, temperature=temperature, map=map))
 
 
 def combine(module: nn.Module, name: str, inputs) -> Tensor:
@@ -240,9 +281,10 @@ def combine(module: nn.Module, name: str, inputs) -> Tensor:
         \mathrm{out} = \sum_{k=1}^{K} w_k x_k, \qquad w = \mathrm{module.name}
 
     When ``module.<name>`` is 1-D and parametrized by exactly one
-    :class:`Simplex`, this is :func:`simplex_param.softmax_weighted_sum` of the
-    stored pre-weights: the softmax happens inside the fused kernel and the
-    weights are never materialised (so :func:`~torch.nn.utils.parametrize.cached`
+    :class:`Simplex`, this is :func:`simplex_param.simplex_weighted_sum` of the
+    stored pre-weights with that Simplex's map and temperature
+    (:func:`simplex_param.softmax_weighted_sum` for the softmax): one fused
+    call, and the weights are never materialised (so :func:`~torch.nn.utils.parametrize.cached`
     has nothing to cache here). Otherwise it is
     :func:`simplex_param.weighted_sum` of ``module.<name>`` as it evaluates,
     cached or not. Both give the same values and gradients.
@@ -270,12 +312,15 @@ def combine(module: nn.Module, name: str, inputs) -> Tensor:
     if parametrize.is_parametrized(module, name):
         plist = module.parametrizations[name]
         if _is_fusable(plist):
-            return ops.softmax_weighted_sum(plist.original, inputs, temperature=plist[0].temperature)
+            p = plist[0]
+            if p.map == "softmax":
+                return ops.softmax_weighted_sum(plist.original, inputs, temperature=p.temperature)
+            return ops.simplex_weighted_sum(plist.original, inputs, map=p.map, temperature=p.temperature)
     return ops.weighted_sum(_get_tensor(module, name), inputs)
 
 
 def _is_fusable(plist: parametrize.ParametrizationList) -> bool:
-    """Exactly one Simplex over one stored 1-D tensor: the fused softmax path applies."""
+    """Exactly one Simplex over one stored 1-D tensor: the fused path applies."""
     if len(plist) != 1 or not isinstance(plist[0], Simplex) or not plist.is_tensor:
         return False
     return plist.original.dim() == 1 and plist[0].dim in (0, -1, None)

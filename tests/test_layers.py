@@ -586,3 +586,40 @@ def test_allennlp_scalar_mix_layer_norm():
         normed_tensor = (tensors[k].double() - values.mean()) / (values.std(unbiased=False) + 1e-12)
         expected += normed_tensor * normed[k]
     torch.testing.assert_close(result.double(), 0.5 * expected, rtol=0, atol=1.5e-6)
+
+
+# --------------------------------------------------------------------------
+# Sparse maps in the fusion layers
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("map", ["sparsemax", "entmax15"])
+def test_fusion_with_a_sparse_map(map, device):
+    torch.manual_seed(60)
+    fuse = sp.SimplexFusion(4, map=map, temperature=0.5).to(device)
+    with torch.no_grad():
+        fuse.parametrizations.weight.original.copy_(torch.tensor([1.0, 0.8, -1.0, -2.0]))
+    w = fuse.weight
+    assert w[2] == 0 and w[3] == 0 and torch.isclose(w.sum(), torch.tensor(1.0, device=device))
+    assert "map='%s'" % map in fuse.extra_repr()
+    xs = [torch.randn(3, 5, device=device, requires_grad=True) for _ in range(4)]
+    out = fuse(xs)
+    assert_close(out, sum(w_k * x for w_k, x in zip(w, xs)))
+    out.sum().backward()
+    g = fuse.parametrizations.weight.original.grad
+    assert g[2] == 0 and g[3] == 0  # no gradient off the support
+    assert torch.equal(xs[3].grad, torch.zeros_like(xs[3]))
+    # A missing input: the map of the present pre-weights.
+    z = fuse.parametrizations.weight.original.detach()
+    present = sp.reference.MAPS[map](z[[0, 2, 3]], 0.5)
+    assert_close(fuse([xs[0], None, xs[2], xs[3]]), sum(p * xs[k] for p, k in zip(present, [0, 2, 3])))
+    # Probabilities assigned to .weight come back, zeros exactly.
+    fuse.weight = torch.tensor([0.6, 0.0, 0.4, 0.0], device=device)
+    assert torch.equal(fuse.weight == 0, torch.tensor([False, True, False, True], device=device))
+
+
+def test_lazy_fusion_keeps_its_map():
+    fuse = sp.LazySimplexFusion(map="entmax15")
+    fuse([torch.ones(2)] * 3)
+    assert fuse.map == "entmax15" and fuse.parametrizations.weight[0].map == "entmax15"
+    with pytest.raises(ValueError, match="map must be one of"):
+        sp.SimplexFusion(2, map="gumbel")

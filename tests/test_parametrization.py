@@ -12,7 +12,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 import simplex_param as sp
-from simplex_param import ops, parametrization
+from simplex_param import ops, parametrization, reference
 
 from conftest import DEVICES, DTYPES, assert_close
 
@@ -476,3 +476,56 @@ def test_docstring_examples():
         runner.run(t)
     result = runner.summarize(verbose=False)
     assert result.failed == 0, result
+
+
+# --------------------------------------------------------------------------
+# Sparse maps: Simplex(map=...), simplex(map=...), combine
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("map", ["sparsemax", "entmax15"])
+@pytest.mark.parametrize("dim", [-1, 0, None])
+def test_sparse_map_forward(map, dim):
+    torch.manual_seed(50)
+    Z = 2 * torch.randn(4, 5, dtype=torch.float64)
+    W = sp.Simplex(dim=dim, temperature=0.5, map=map)(Z)
+    f = reference.MAPS[map]
+    if dim is None:
+        want = f(Z.reshape(-1), 0.5).reshape(Z.shape)
+    else:
+        want = f(Z.movedim(dim, -1), 0.5).movedim(-1, dim)
+    assert_close(W, want)
+    assert (W >= 0).all() and (W == 0).any()
+    sums = W.sum() if dim is None else W.sum(dim)
+    assert_close(sums, torch.ones_like(sums))
+
+
+@pytest.mark.parametrize("map", ["softmax", "sparsemax", "entmax15"])
+@pytest.mark.parametrize("T", [1.0, 0.3])
+def test_right_inverse_round_trips_every_map_zeros_included(map, T):
+    m = sp.simplex(holder(torch.zeros(2, 4)), "w", dim=1, temperature=T, map=map)
+    P = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    m.w = P
+    if map == "softmax":
+        assert_close(m.w, P, dtype=torch.float32)  # zeros come back as tiny weights
+    else:
+        assert torch.equal(m.w == 0, P == 0)  # zeros come back exactly
+        assert_close(m.w, P)
+
+
+def test_sparse_map_repr_and_errors():
+    assert repr(sp.Simplex(map="sparsemax")) == "Simplex(dim=-1, temperature=1.0, map='sparsemax')"
+    assert repr(sp.Simplex()) == "Simplex(dim=-1, temperature=1.0)"
+    with pytest.raises(ValueError, match="map must be one of 'softmax', 'sparsemax', 'entmax15', got 'identity'"):
+        sp.Simplex(map="identity")
+    with pytest.raises(TypeError, match="map must be a str, got int"):
+        sp.Simplex(map=1)
+
+
+@pytest.mark.parametrize("map", ["sparsemax", "entmax15"])
+def test_combine_uses_the_simplex_map(map, spy):
+    torch.manual_seed(51)
+    m = sp.simplex(holder(torch.tensor([1.0, 0.2, -2.0])), "w", map=map, temperature=0.7)
+    xs = [torch.randn(6) for _ in range(3)]
+    out = sp.combine(m, "w", xs)
+    assert not spy  # neither softmax_weighted_sum nor weighted_sum: simplex_weighted_sum
+    assert_close(out, sum(w * x for w, x in zip(m.w, xs)))
