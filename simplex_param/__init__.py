@@ -8,6 +8,8 @@ from ._ext import extension_loaded
 from .ops import simplex_weighted_sum, softmax_weighted_sum, weighted_sum
 from .parametrization import Simplex, combine, simplex
 from .layers import LazySimplexFusion, ScalarMix, SimplexFusion
+from .gumbel import gumbel_softmax
+from .search import MixedOp, architecture_parameters, split_parameters
 
 __version__ = "0.1.0"
 
@@ -22,4 +24,8 @@ __all__ = [
     "SimplexFusion",
     "LazySimplexFusion",
     "ScalarMix",
+    "gumbel_softmax",
+    "MixedOp",
+    "architecture_parameters",
+    "split_parameters",
 ]

@@ -26,7 +26,10 @@ def test_markdown_example_runs(code):
     exec(compile(code, "<markdown>", "exec"), {"__name__": "__doc_example__"})
 
 
-MODULES = ["simplex_param.ops", "simplex_param.parametrization", "simplex_param.layers"]
+MODULES = [
+    "simplex_param.ops", "simplex_param.parametrization", "simplex_param.layers", "simplex_param.gumbel",
+    "simplex_param.search",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
