@@ -9,7 +9,7 @@ from .ops import simplex_weighted_sum, softmax_weighted_sum, weighted_sum
 from .parametrization import Simplex, combine, simplex
 from .layers import LazySimplexFusion, ScalarMix, SimplexFusion
 from .gumbel import gumbel_softmax
-from .search import MixedOp, architecture_parameters, split_parameters
+from .search import MixedOp, architecture_parameters, set_temperature, split_parameters
 
 __version__ = "0.1.0"
 
@@ -28,4 +28,5 @@ __all__ = [
     "MixedOp",
     "architecture_parameters",
     "split_parameters",
+    "set_temperature",
 ]

@@ -43,8 +43,8 @@ def gumbel_softmax(
 
     Args:
         logits (Tensor): pre-weights ``(K,)`` or ``(*P, K)``, any floating dtype.
-        temperature (float, optional): ``T`` in :math:`x = z / T`, positive and
-            finite. Default: ``1.0``.
+        temperature (float or Tensor, optional): ``T`` in :math:`x = z / T`,
+            a positive finite number or a 0-D floating tensor. Default: ``1.0``.
         hard (bool, optional): a one-hot sample with the straight-through
             gradient instead of the relaxed weights. Default: ``False``.
         generator (torch.Generator, optional): the source of the noise, for
@@ -67,7 +67,7 @@ def gumbel_softmax(
                         + (f" of dtype {logits.dtype}" if isinstance(logits, Tensor) else ""))
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension, the last holding the K weights, got a 0-D tensor")
-    temperature = checks.check_float_temperature(temperature)
+    temperature = checks.check_temperature(temperature)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     perturbed = logits / temperature + _gumbel_noise(logits, generator)

@@ -181,7 +181,7 @@ class SimplexFusion(nn.Module):
     def extra_repr(self) -> str:
         extra = "" if self.map == "softmax" else f", map={self.map!r}"
         return (
-            f"num_inputs={self.num_inputs}, temperature={self.temperature}, "
+            f"num_inputs={self.num_inputs}, temperature={float(self.temperature)}, "
             f"weight_dropout={self.weight_dropout}, bias={self.bias is not None}{extra}"
         )
 

@@ -133,7 +133,7 @@ class Simplex(nn.Module):
 
     def extra_repr(self) -> str:
         extra = "" if self.map == "softmax" else f", map={self.map!r}"
-        return f"dim={self.dim}, temperature={self.temperature}{extra}"
+        return f"dim={self.dim}, temperature={float(self.temperature)}{extra}"
 
     def forward(self, X: Tensor) -> Tensor:
         Xc = X.to(acc_dtype(X.dtype))
@@ -145,10 +145,11 @@ class Simplex(nn.Module):
                 W = torch.softmax(Xc, dim=self.dim)
             return W.to(X.dtype)
         f = reference.MAPS[self.map]
+        Xc = Xc / self.temperature  # a float, or a 0-D tensor after set_temperature
         if self.dim is None:
-            W = f(Xc.reshape(-1), self.temperature).reshape(X.shape)
+            W = f(Xc.reshape(-1), 1.0).reshape(X.shape)
         else:
-            W = f(Xc.movedim(self.dim, -1), self.temperature).movedim(-1, self.dim)
+            W = f(Xc.movedim(self.dim, -1), 1.0).movedim(-1, self.dim)
         return W.to(X.dtype)
 
     def _on_simplex(self, Y: Tensor, dtype: torch.dtype) -> bool:
@@ -195,7 +196,7 @@ class Simplex(nn.Module):
         if not bool(torch.isfinite(Z).all()):
             raise ValueError(
                 f"Simplex.right_inverse: these probabilities need pre-weights beyond the range of "
-                f"{Y.dtype} at temperature {self.temperature}"
+                f"{Y.dtype} at temperature {float(self.temperature)}"
             )
         return Z
 

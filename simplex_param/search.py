@@ -9,9 +9,10 @@ from torch.nn.utils import parametrize
 
 from . import checks, ops
 from .gumbel import gumbel_softmax
+from .layers import SimplexFusion
 from .parametrization import Simplex, _check_map
 
-__all__ = ["MixedOp", "architecture_parameters", "split_parameters"]
+__all__ = ["MixedOp", "architecture_parameters", "split_parameters", "set_temperature"]
 
 MODES = ("soft", "hard")
 
@@ -104,7 +105,7 @@ class MixedOp(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_candidates={len(self.candidates)}, mode={self.mode!r}, map={self.map!r}, "
-            f"temperature={self.temperature}"
+            f"temperature={float(self.temperature)}"
         )
 
     def _logits(self, logits: Optional[Tensor]) -> Tensor:
@@ -167,3 +168,49 @@ def split_parameters(model: nn.Module) -> tuple:
     ids = {id(p) for p in arch}
     return arch, [p for p in model.parameters() if id(p) not in ids]
 
+
+
+def set_temperature(module: nn.Module, value) -> int:
+    r"""Set the temperature of every :class:`~simplex_param.Simplex`,
+    :class:`~simplex_param.SimplexFusion` and :class:`MixedOp` in ``module``.
+
+    The first call makes each one's temperature a 0-D float64 buffer
+    (non-persistent: state_dicts do not change); later calls write the new
+    value into it, in place. So annealing a model compiled with
+    :func:`torch.compile` does not recompile it: call ``set_temperature``
+    once before compiling, then as often as the schedule wants.
+
+    Args:
+        module (nn.Module): the model.
+        value (float or Tensor): the temperature, positive and finite (a
+            0-D tensor's value is copied).
+
+    Returns:
+        The number of modules set.
+
+    Example::
+
+        >>> model = nn.Sequential(sp.SimplexFusion(3), sp.MixedOp([nn.Identity(), nn.Tanh()]))
+        >>> sp.set_temperature(model, 0.5)
+        4
+        >>> model[0].temperature
+        tensor(0.5000, dtype=torch.float64)
+    """
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"value must be a number or a 0-D tensor, got a {value.dim()}-D tensor")
+        value = value.item()
+    value = checks.check_float_temperature(value)
+    count = 0
+    for m in module.modules():
+        if not isinstance(m, (Simplex, SimplexFusion, MixedOp)):
+            continue
+        t = m.temperature
+        if isinstance(t, Tensor):
+            with torch.no_grad():
+                t.fill_(value)
+        else:
+            del m.temperature
+            m.register_buffer("temperature", torch.tensor(value, dtype=torch.float64), persistent=False)
+        count += 1
+    return count

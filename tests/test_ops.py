@@ -353,7 +353,9 @@ def test_annealed_temperature_does_not_recompile(device):
     torch._dynamo.reset()
     xs = [torch.randn(8, device=device) for _ in range(3)]
     logits = torch.randn(3, device=device)
-    counter = torch._dynamo.testing.CompileCounter()
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
     f = torch.compile(lambda l, xs, t: sp.softmax_weighted_sum(l, xs, temperature=t), backend=counter, fullgraph=True)
     for t in (1.0, 0.5, 0.25):
         T = torch.tensor(t, device=device)

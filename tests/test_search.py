@@ -227,3 +227,65 @@ def test_darts_search_cell_trains_both_sets():
         a_opt.step()
     assert loss.item() < first and alpha.grad.abs().sum() > 0
     assert not math.isnan(loss.item())
+
+
+# --------------------------------------------------------------------------
+# set_temperature
+# --------------------------------------------------------------------------
+
+def annealed_model():
+    torch.manual_seed(13)
+    model = nn.Module()
+    model.fuse = sp.SimplexFusion(3)
+    model.mixed = sp.MixedOp([nn.Identity(), nn.Tanh(), nn.Linear(4, 4)])
+    model.proj = sp.simplex(nn.Linear(4, 3), dim=1)
+    with torch.no_grad():
+        model.fuse.parametrizations.weight.original.copy_(torch.tensor([0.5, -0.3, 1.0]))
+        model.mixed.parametrizations.weight.original.copy_(torch.tensor([1.0, 0.0, -1.0]))
+
+    def run(x):
+        y = model.mixed(model.fuse([x, 2 * x, -x]))
+        return y + model.proj.weight.sum(0)[:1]
+
+    return model, run
+
+
+def test_set_temperature_matches_layers_built_at_that_temperature():
+    model, run = annealed_model()
+    assert sp.set_temperature(model, 0.25) == 5  # fuse, its Simplex, mixed, its Simplex, proj's Simplex
+    z = model.fuse.parametrizations.weight.original.detach()
+    assert_close(model.fuse.weight, torch.softmax(z / 0.25, 0))
+    assert_close(model.proj.weight.sum(1), torch.ones(3))
+    x = torch.randn(2, 4)
+    fresh = sp.SimplexFusion(3, temperature=0.25)
+    with torch.no_grad():
+        fresh.parametrizations.weight.original.copy_(z)
+    assert_close(model.fuse([x, 2 * x, -x]), fresh([x, 2 * x, -x]))
+    assert set(model.state_dict()) == set(annealed_model()[0].state_dict())  # nothing persistent added
+    sp.set_temperature(model, torch.tensor(2.0))
+    assert float(model.mixed.temperature) == 2.0 and "temperature=2.0" in repr(model.mixed)
+
+
+def test_annealing_a_compiled_model_does_not_recompile():
+    torch._dynamo.reset()
+    model, run = annealed_model()
+    sp.set_temperature(model, 1.0)  # once before compiling: the temperatures become buffers
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    compiled = torch.compile(run, backend=counter)
+    x = torch.randn(2, 4)
+    for step in range(10):
+        t = 1.0 - 0.09 * step  # a linear schedule, as GDAS anneals tau
+        sp.set_temperature(model, t)
+        assert_close(compiled(x), run(x))
+    assert counter.frame_count == 1
+
+
+def test_set_temperature_bad_values():
+    model, _ = annealed_model()
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            sp.set_temperature(model, bad)
+    with pytest.raises(ValueError, match="a number or a 0-D tensor"):
+        sp.set_temperature(model, torch.ones(2))
