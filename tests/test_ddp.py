@@ -25,7 +25,8 @@ JOIN_TIMEOUT_S = 300  # of the whole run, start-up of both workers included
 
 
 class Mixer(nn.Module):
-    """A 1-D simplex mix of inputs (fused combine) and a row-stochastic linear map."""
+    """A 1-D simplex mix of inputs (fused combine), a row-stochastic linear map
+    and a soft MixedOp with its own (architecture) weights."""
 
     def __init__(self):
         super().__init__()
@@ -33,9 +34,12 @@ class Mixer(nn.Module):
         self.proj = nn.Linear(4, 2)
         sp.simplex(self, "mix", temperature=0.5)
         sp.simplex(self.proj, dim=1)
+        self.mixed = sp.MixedOp([nn.Linear(2, 2), nn.Tanh(), nn.Identity()], map="sparsemax")
+        with torch.no_grad():
+            self.mixed.parametrizations.weight.original.copy_(torch.tensor([0.6, 0.3, 0.1]))
 
     def forward(self, xs):
-        return self.proj(sp.combine(self, "mix", xs))
+        return self.mixed(self.proj(sp.combine(self, "mix", xs)))
 
 
 def make_model_and_data():
@@ -100,6 +104,7 @@ def test_ddp_gloo_two_processes(tmp_path, monkeypatch):
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert states[0].keys() == states[1].keys()
     assert "parametrizations.mix.original" in states[0]
+    assert "mixed.parametrizations.weight.original" in states[0]
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
 
