@@ -57,6 +57,8 @@ CASES = [
     Case("per-token", 8, (32, 128, 768), rows=2),
 ]
 QUICK_CASES = ["multimodal", "darts"]
+# A small DARTS-style search cell: one training step, soft against hard MixedOp.
+SEARCH = "search-cell"
 # The host cost of one call on tiny tensors: K, elements per input.
 OVERHEAD = "overhead"
 OVERHEAD_SIZES = [(3, 4), (3, 4096), (8, 4), (8, 4096)]
@@ -301,6 +303,51 @@ def run_overhead(contenders, repeats, device, target_s, log=None):
     return rows
 
 
+def _search_cell(mode, C):
+    """Two MixedOp edges in a chain over DARTS-like candidates."""
+    from torch import nn
+
+    from .search import MixedOp
+
+    def candidates():
+        return [nn.Conv2d(C, C, 3, padding=1, bias=False), nn.Conv2d(C, C, 5, padding=2, bias=False),
+                nn.MaxPool2d(3, 1, 1), nn.AvgPool2d(3, 1, 1), nn.Identity()]
+
+    edges = nn.ModuleList(
+        MixedOp(candidates(), mode=mode, generator=torch.Generator().manual_seed(0)) for _ in range(2)
+    )
+    return edges
+
+
+def run_search(repeats, device, target_s, log=None):
+    """One training step (forward and backward) of a small search cell with
+    soft MixedOps (every candidate runs) and hard ones (one Gumbel-drawn
+    candidate runs): time and peak extra memory, in units of the input."""
+    C, shape = 16, (8, 16, 32, 32)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    steps = {}
+    for mode in ("soft", "hard"):
+        edges = _search_cell(mode, C).to(device)
+
+        def step(edges=edges):
+            out = edges[1](edges[0](x))
+            out.square().mean().backward()
+            for p in edges.parameters():
+                p.grad = None
+        steps[mode] = step
+    times = _median_times(steps, repeats, device, target_s)
+    size = x.numel() * x.element_size()
+    rows = {mode: {"time_s": times[mode], "peak_inputs": _peak_extra_bytes(steps[mode], device) / size}
+            for mode in steps}
+    if log:
+        log(f"\n{SEARCH}: one training step, 2 MixedOp edges x 5 candidates, input {list(shape)}")
+        for mode, r in rows.items():
+            log(f"  {mode:<5} {r['time_s'] * 1e3:>9.2f} ms  peak extra memory {r['peak_inputs']:.1f} inputs")
+        log(f"  hard / soft: time {rows['hard']['time_s'] / rows['soft']['time_s']:.2f}x, "
+            f"memory {rows['hard']['peak_inputs'] / rows['soft']['peak_inputs']:.2f}x")
+    return {"shape": list(shape), "modes": rows}
+
+
 def _no_grad(step):
     def run():
         with torch.no_grad():
@@ -325,6 +372,8 @@ def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, conte
     ]
     if cases is None or OVERHEAD in cases:
         report[OVERHEAD] = run_overhead(contenders, repeats, device, target_s, log)
+    if cases is None or SEARCH in cases:
+        report[SEARCH] = run_search(repeats, device, target_s, log)
     return report
 
 
@@ -427,7 +476,7 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=None, help="samples per median (default 15, quick 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
-    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES] + [OVERHEAD],
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES] + [OVERHEAD, SEARCH],
                         help="run only these cases")
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, help="run only these contenders")
     return parser

@@ -62,6 +62,17 @@ def test_bench_overhead_case(tmp_path, capsys):
     assert "forward building the graph / under no_grad" in capsys.readouterr().out
 
 
+def test_bench_search_cell(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--repeats", "1", "--cases", "search-cell", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"machine", "repeats", "results", "search-cell"} and report["results"] == []
+    modes = report["search-cell"]["modes"]
+    assert set(modes) == {"soft", "hard"}
+    assert all(m["time_s"] > 0 and m["peak_inputs"] > 0 for m in modes.values())
+    assert "hard / soft" in capsys.readouterr().out
+
+
 def test_per_row_contenders_agree():
     # The per-token case's eager and stack contenders compute the same op.
     import torch
