@@ -5,6 +5,8 @@
 // being built (create_graph=True: double backward, DARTS' second-order
 // step), composes it from differentiable ATen ops with the same formulas.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -30,12 +32,25 @@ at::Tensor weighted_sum_op(const at::Tensor& weights, at::TensorList inputs) {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_op(
     const at::Tensor& grad, const at::Tensor& weights, at::TensorList inputs, bool need_w,
-    const c10::List<bool>& need_x) {
+    const c10::List<bool>& need_x, bool skip_zero_weights) {
   static const auto op = c10::Dispatcher::singleton()
       .findSchemaOrThrow("simplex_param::_weighted_sum_backward", "")
       .typed<std::tuple<at::Tensor, std::vector<at::Tensor>>(
-          const at::Tensor&, const at::Tensor&, at::TensorList, bool, const c10::List<bool>&)>();
-  return op.call(grad, weights, inputs, need_w, need_x);
+          const at::Tensor&, const at::Tensor&, at::TensorList, bool, const c10::List<bool>&, bool)>();
+  return op.call(grad, weights, inputs, need_w, need_x, skip_zero_weights);
+}
+
+// For (K,) weights on the CPU, where reading them costs no synchronisation:
+// which are exactly 0. Empty otherwise, and for tensors without plain data
+// (fake tensors while torch.compile traces, functorch wrappers).
+std::vector<bool> zero_weights(const at::Tensor& weights) {
+  std::vector<bool> zero;
+  if (weights.dim() != 1 || !weights.device().is_cpu() || at::isTensorSubclassLike(weights)) return zero;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "zero_weights", [&] {
+    const scalar_t* p = weights.const_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < weights.size(0); ++k) zero.push_back(p[k * weights.stride(0)] == scalar_t(0));
+  });
+  return zero;
 }
 
 // The contraction's backward from differentiable ops, in the accumulation
@@ -69,20 +84,27 @@ variable_list differentiable_backward(
 }
 
 // The contraction's backward through the backend kernels: (grad w, grad x_1
-// ... grad x_K), undefined where not wanted.
+// ... grad x_K), undefined where not wanted. An input of (K,) CPU weight 0
+// gets a zero gradient that is never written (an expanded 0-D zero).
 variable_list contraction_backward(
     const at::Tensor& grad, const at::Tensor& weights, const std::vector<at::Tensor>& xs, bool need_w,
-    const std::vector<bool>& need_x) {
+    const std::vector<bool>& need_x, bool skip_zero_weights) {
+  const std::vector<bool> zero = zero_weights(weights);
   c10::List<bool> need_x_list;
   need_x_list.reserve(need_x.size());
-  for (bool b : need_x) need_x_list.push_back(b);
-  // Straight to the backend kernel: the backward op has no autograd of its own.
-  at::AutoDispatchBelowADInplaceOrView guard;
-  auto [grad_w, grad_x] = weighted_sum_backward_op(grad, weights, xs, need_w, need_x_list);
+  for (size_t k = 0; k < need_x.size(); ++k) need_x_list.push_back(need_x[k] && (zero.empty() || !zero[k]));
   variable_list grads(1 + need_x.size());
-  if (need_w) grads[0] = grad_w;
+  {
+    // Straight to the backend kernel: the backward op has no autograd of its own.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_w, grad_x] = weighted_sum_backward_op(grad, weights, xs, need_w, need_x_list, skip_zero_weights);
+    if (need_w) grads[0] = grad_w;
+    for (size_t k = 0; k < need_x.size(); ++k) {
+      if (need_x_list[k]) grads[1 + k] = grad_x[k];
+    }
+  }
   for (size_t k = 0; k < need_x.size(); ++k) {
-    if (need_x[k]) grads[1 + k] = grad_x[k];
+    if (need_x[k] && !need_x_list[k]) grads[1 + k] = at::zeros({}, grad.options()).expand(grad.sizes());
   }
   return grads;
 }
@@ -109,7 +131,7 @@ class WeightedSumFunction : public torch::autograd::Function<WeightedSumFunction
         need_w ? std::vector<at::Tensor>(saved.begin() + 1, saved.end()) : std::vector<at::Tensor>{};
     const at::Tensor& grad = grad_outputs[0];
     if (at::GradMode::is_enabled()) return differentiable_backward(grad, weights, xs, need_w, need_x);
-    return contraction_backward(grad, weights, xs, need_w, need_x);
+    return contraction_backward(grad, weights, xs, need_w, need_x, /*skip_zero_weights=*/false);
   }
 };
 
@@ -150,7 +172,7 @@ class SimplexWeightedSumFunction : public torch::autograd::Function<SimplexWeigh
       w = m.forward(logits.to(w.scalar_type()), temperature);  // the same w, now with a graph
       grads = differentiable_backward(grad, w, xs, need_l, need_x);
     } else {
-      grads = contraction_backward(grad, w, xs, need_l, need_x);
+      grads = contraction_backward(grad, w, xs, need_l, need_x, m.ignores_zero_weights);
     }
     if (need_l) grads[0] = m.vjp(w, grads[0], temperature).to(logits.scalar_type());
     grads.resize(1 + K + 2);  // no gradient for map and temperature

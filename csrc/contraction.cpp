@@ -47,6 +47,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
     at::TensorList inputs,
     bool weights_requires_grad,
     const c10::List<bool>& inputs_requires_grad,
+    bool skip_zero_weights,
     ContractionKernel kernel) {
   check_backward_args(grad_out, weights, inputs, weights_requires_grad, inputs_requires_grad);
   const int64_t K = weights.size(-1);
@@ -67,6 +68,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
   c.dtype = grad.scalar_type();
   c.device = grad.device();
   c.grad = grad.const_data_ptr();
+  c.skip_zero_weights = skip_zero_weights;
   std::vector<at::Tensor> grad_inputs;
   bool any = weights_requires_grad;
   for (int64_t k = 0; k < K; ++k) {

@@ -32,12 +32,16 @@ struct Contraction {
   const void* grad = nullptr;       // backward: the output's gradient
   std::vector<void*> grad_x;        // backward: K gradients, null where not wanted
   void* grad_w = nullptr;           // backward: rows x K, accumulation dtype, or null
+  bool skip_zero_weights = false;   // backward: grad_w is 0 where w is, that input unread
 };
 
 using ContractionKernel = void (*)(const Contraction&);
 
 // The ops, for a backend's kernels: checks, layout, allocation, then one
-// call of `kernel` unless there is nothing to compute.
+// call of `kernel` unless there is nothing to compute. Every kernel skips
+// the inputs whose weight is exactly 0 in a row: the forward does not read
+// them (so inf or NaN there does not reach the output), and the backward
+// writes 0 to their gradient.
 at::Tensor weighted_sum_forward(const at::Tensor& weights, at::TensorList inputs, ContractionKernel kernel);
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
@@ -46,6 +50,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
     at::TensorList inputs,
     bool weights_requires_grad,
     const c10::List<bool>& inputs_requires_grad,
+    bool skip_zero_weights,
     ContractionKernel kernel);
 
 } // namespace simplex_param

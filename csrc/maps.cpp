@@ -97,10 +97,10 @@ at::Tensor entmax15_vjp(const at::Tensor& w, const at::Tensor& grad_w, double te
 }
 
 constexpr SimplexMap kMaps[] = {
-    {"softmax", softmax_forward, softmax_vjp},
-    {"identity", identity_forward, identity_vjp},
-    {"sparsemax", sparsemax_forward, sparsemax_vjp},
-    {"entmax15", entmax15_forward, entmax15_vjp},
+    {"softmax", softmax_forward, softmax_vjp, true},
+    {"identity", identity_forward, identity_vjp, false},
+    {"sparsemax", sparsemax_forward, sparsemax_vjp, true},
+    {"entmax15", entmax15_forward, entmax15_vjp, true},
 };
 
 std::string map_names() {

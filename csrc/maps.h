@@ -19,6 +19,9 @@ struct SimplexMap {
   at::Tensor (*forward)(const at::Tensor& z, double temperature);
   // The gradient of z, given w = forward(z, temperature) and the gradient of w.
   at::Tensor (*vjp)(const at::Tensor& w, const at::Tensor& grad_w, double temperature);
+  // Whether vjp ignores grad_w[k] where w[k] is 0 (the Jacobian's row is 0
+  // there), so that the contraction need not read that input for it.
+  bool ignores_zero_weights;
 };
 
 // The map called `name`; raises the `unknown_map` error for any other name.

@@ -18,9 +18,13 @@ TORCH_LIBRARY(simplex_param, m) {
   m.def("weighted_sum(Tensor weights, Tensor[] inputs) -> Tensor");
   // `inputs` may be empty when the weights need no gradient. One entry of
   // `inputs_requires_grad` per input; gradients not asked for are empty.
+  // With `skip_zero_weights`, the weights' gradient is 0 where a weight is
+  // 0, without reading that input: for the maps whose vector-Jacobian
+  // product ignores it there (softmax, sparsemax, entmax15).
   m.def(
       "_weighted_sum_backward(Tensor grad, Tensor weights, Tensor[] inputs, "
-      "bool weights_requires_grad, bool[] inputs_requires_grad) -> (Tensor, Tensor[])");
+      "bool weights_requires_grad, bool[] inputs_requires_grad, bool skip_zero_weights=False) "
+      "-> (Tensor, Tensor[])");
   // sum_k map(logits / temperature)[..., k] * x_k, for a map of maps.cpp.
   m.def(
       "simplex_weighted_sum(Tensor logits, Tensor[] inputs, str map=\"softmax\", "

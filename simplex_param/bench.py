@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -45,6 +46,7 @@ class Case:
     K: int
     shape: tuple
     rows: int = 0  # leading dims of `shape` with a weight row each: logits (*shape[:rows], K)
+    zeros: int = 0  # logits set to -inf: inputs of weight 0, which the fused op does not read
 
 
 CASES = [
@@ -55,6 +57,8 @@ CASES = [
     Case("model-soup", 8, (4 * 2**20,)),
     # Per-token weights: a gating network's (B, T, K) logits over K streams.
     Case("per-token", 8, (32, 128, 768), rows=2),
+    # A model soup with 6 of its 8 members at weight 0 (-inf logits).
+    Case("soup-2-of-8", 8, (4 * 2**20,), zeros=6),
 ]
 QUICK_CASES = ["multimodal", "darts"]
 # A small DARTS-style search cell: one training step, soft against hard MixedOp.
@@ -209,11 +213,14 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
     for s in case.shape:
         n *= s
     need_grad = mode != "fwd"
-    logits = torch.randn(*case.shape[: case.rows], case.K, generator=gen).to(device).requires_grad_(need_grad)
+    logits = torch.randn(*case.shape[: case.rows], case.K, generator=gen)
+    logits[..., : case.zeros] = -math.inf
+    logits = logits.to(device).requires_grad_(need_grad)
     xs = [torch.randn(case.shape, generator=gen).to(device, dtype).requires_grad_(need_grad) for _ in range(case.K)]
     grad = torch.randn(case.shape, generator=gen).to(device, dtype) if need_grad else None
 
-    moved = _moved_elements(case.K, n, mode) * xs[0].element_size()
+    # The bytes the op must move: inputs of weight 0 need not be read.
+    moved = _moved_elements(case.K - case.zeros, n, mode) * xs[0].element_size()
     src = torch.ones(moved // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     steps = {"floor": lambda: dst.copy_(src)}

@@ -222,7 +222,8 @@ def _fake_weighted_sum(weights, inputs):
     return x0.new_empty_strided(x0.shape, _walk_strides(inputs, weights.dim() - 1))
 
 
-def _fake_weighted_sum_backward(grad, weights, inputs, weights_requires_grad, inputs_requires_grad):
+def _fake_weighted_sum_backward(grad, weights, inputs, weights_requires_grad, inputs_requires_grad,
+                                skip_zero_weights=False):
     checks.check_backward_args(grad, weights, inputs, weights_requires_grad, inputs_requires_grad)
     strides = _walk_strides([grad, *(inputs if weights_requires_grad else ())], weights.dim() - 1)
     grad_weights = weights.new_empty(weights.shape if weights_requires_grad else (0,))

@@ -169,3 +169,81 @@ def test_identity_and_softmax_agree_with_the_named_functions(device):
     assert_close(sp.simplex_weighted_sum(w, xs, map="identity"), sp.weighted_sum(w, xs))
     assert_close(sp.simplex_weighted_sum(w, xs, map="identity", temperature=2.0), sp.weighted_sum(w / 2, xs))
     assert_close(sp.simplex_weighted_sum(w, xs), sp.softmax_weighted_sum(w, xs))
+
+
+# --------------------------------------------------------------------------
+# Zero weights: inputs of weight 0 are not read.
+# --------------------------------------------------------------------------
+
+def poisoned_inputs(device, shape=(4, 6)):
+    """Four inputs; the third holds NaN, which reading it would spread."""
+    torch.manual_seed(47)
+    xs = [torch.randn(shape, device=device, requires_grad=True) for _ in range(4)]
+    xs[2] = torch.full(shape, float("nan"), device=device, requires_grad=True)
+    return xs
+
+
+@pytest.mark.skipif(not COMPILED, reason="the fallback reads every input (docs/numerics.md)")
+@pytest.mark.parametrize("weight_shape", [(4,), (4, 4)])
+def test_an_input_of_weight_zero_is_not_read(weight_shape, device):
+    xs = poisoned_inputs(device)
+    w = torch.rand(weight_shape, device=device)
+    w[..., 2] = 0
+    out = sp.weighted_sum(w, xs)
+    assert torch.isfinite(out).all()
+    clean = [x if k != 2 else torch.zeros_like(x) for k, x in enumerate(xs)]
+    assert_close(out, reference.weighted_sum(w, clean))
+
+
+@pytest.mark.skipif(not COMPILED, reason="the fallback reads every input (docs/numerics.md)")
+@pytest.mark.parametrize("map", ["softmax", "sparsemax", "entmax15"])
+@pytest.mark.parametrize("weight_shape", [(4,), (4, 4)])
+def test_inputs_off_the_support_are_not_read_forward_or_backward(map, weight_shape, device):
+    # The third logit is -inf (softmax) or far below the others (sparse maps):
+    # its weight is 0, so neither the output nor any gradient may see its NaN.
+    xs = poisoned_inputs(device)
+    logits = torch.tensor([1.0, 0.5, -float("inf") if map == "softmax" else -9.0, 0.2], device=device)
+    logits = logits.expand(weight_shape).clone().requires_grad_()
+    out = sp.simplex_weighted_sum(logits, xs, map=map)
+    assert torch.isfinite(out).all()
+    grads = torch.autograd.grad(out.square().sum(), [logits, *xs])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[3], torch.zeros_like(xs[2]))
+    # The same as with a harmless input there.
+    clean = [x.detach() if k != 2 else torch.zeros_like(x) for k, x in enumerate(xs)]
+    l2 = logits.detach().clone().requires_grad_()
+    want = reference.simplex_weighted_sum(l2, clean, map, 1.0)
+    assert_close(out, want)
+    (want_l,) = torch.autograd.grad(want.square().sum(), l2)
+    assert_close(grads[0], want_l)
+
+
+def test_weighted_sum_still_differentiates_a_zero_weight(device):
+    # For the plain contraction, d out / d w_k = x_k, also where w_k is 0.
+    xs = [torch.randn(5, device=device) for _ in range(3)]
+    w = torch.tensor([0.5, 0.0, 0.5], device=device, requires_grad=True)
+    g = torch.randn(5, device=device)
+    (gw,) = torch.autograd.grad(sp.weighted_sum(w, xs), w, g)
+    assert_close(gw, torch.stack([(g * x).sum() for x in xs]))
+
+
+def test_gradient_of_a_zero_weight_input_is_zero_and_unwritten():
+    xs = [torch.randn(1000, requires_grad=True) for _ in range(3)]
+    w = torch.tensor([0.5, 0.0, 0.5])
+    got = torch.autograd.grad(sp.weighted_sum(w, xs).sum(), xs)
+    assert torch.equal(got[1], torch.zeros(1000))
+    if COMPILED:
+        assert got[1].stride() == (0,)  # an expanded 0-D zero: nothing written
+    assert_close(got[0], torch.full((1000,), 0.5))
+
+
+@pytest.mark.skipif(not COMPILED, reason="opcheck tests the compiled ops")
+def test_opcheck_backward_skipping_zero_weights(device):
+    torch.manual_seed(48)
+    grad = torch.randn(4, 5, device=device, dtype=torch.float64)
+    w = torch.tensor([[0.5, 0.0, 0.5]] * 4, device=device, dtype=torch.float64)
+    xs = [torch.randn(4, 5, device=device, dtype=torch.float64) for _ in range(3)]
+    args = (grad, w, xs, True, [True, True, False], True)
+    torch.library.opcheck(torch.ops.simplex_param._weighted_sum_backward.default, args)
+    grad_w, _ = torch.ops.simplex_param._weighted_sum_backward(*args)
+    assert torch.equal(grad_w[:, 1], torch.zeros(4, dtype=torch.float64, device=device))

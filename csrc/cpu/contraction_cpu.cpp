@@ -133,45 +133,71 @@ SIMPLEX_PARAM_INLINE void accumulate(
   }
 }
 
-// out[start, start + len) = sum_k w[k] * xs[k][...], len <= kBlock. The
-// accumulator takes up to four inputs per pass, so that four input streams
-// advance together: one stream at a time reads at about 60% of the copy
-// bandwidth, and all K at once (K up to 25) overflows the prefetchers
-// (docs/benchmarks.md).
+// acc (+)= sum of the n (<= 4) inputs of live_x with weights live_w.
+template <typename scalar_t, typename acc_t>
+SIMPLEX_PARAM_INLINE void accumulate_n(
+    int n, bool first, acc_t* acc, const scalar_t* const* live_x, const acc_t* live_w, int64_t start, int64_t len) {
+  switch (n) {
+    case 4:
+      first ? accumulate<4, true>(acc, live_x, live_w, start, len)
+            : accumulate<4, false>(acc, live_x, live_w, start, len);
+      break;
+    case 3:
+      first ? accumulate<3, true>(acc, live_x, live_w, start, len)
+            : accumulate<3, false>(acc, live_x, live_w, start, len);
+      break;
+    case 2:
+      first ? accumulate<2, true>(acc, live_x, live_w, start, len)
+            : accumulate<2, false>(acc, live_x, live_w, start, len);
+      break;
+    default:
+      first ? accumulate<1, true>(acc, live_x, live_w, start, len)
+            : accumulate<1, false>(acc, live_x, live_w, start, len);
+  }
+}
+
+// out[start, start + len) = sum_k w[k] * xs[k][...], len <= kBlock, over the
+// inputs whose weight is not 0: the others are not read. The accumulator
+// takes up to four inputs per pass, so that four input streams advance
+// together: one stream at a time reads at about 60% of the copy bandwidth,
+// and all K at once (K up to 25) overflows the prefetchers
+// (docs/benchmarks.md). The sum runs in k order, as the reference's does.
 template <typename scalar_t, typename acc_t>
 SIMPLEX_PARAM_INLINE void forward_segment(
     const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t start, int64_t len) {
   alignas(64) acc_t acc[kBlock];
-  for (int64_t k = 0; k < K; k += 4) {
-    const bool first = k == 0;
-    switch (std::min<int64_t>(4, K - k)) {
-      case 4:
-        first ? accumulate<4, true>(acc, xs + k, w + k, start, len)
-              : accumulate<4, false>(acc, xs + k, w + k, start, len);
-        break;
-      case 3:
-        first ? accumulate<3, true>(acc, xs + k, w + k, start, len)
-              : accumulate<3, false>(acc, xs + k, w + k, start, len);
-        break;
-      case 2:
-        first ? accumulate<2, true>(acc, xs + k, w + k, start, len)
-              : accumulate<2, false>(acc, xs + k, w + k, start, len);
-        break;
-      default:
-        first ? accumulate<1, true>(acc, xs + k, w + k, start, len)
-              : accumulate<1, false>(acc, xs + k, w + k, start, len);
+  const scalar_t* live_x[4];
+  acc_t live_w[4];
+  int n = 0;
+  bool first = true;
+  for (int64_t k = 0; k < K; ++k) {
+    if (w[k] == acc_t(0)) continue;
+    live_x[n] = xs[k];
+    live_w[n] = w[k];
+    if (++n == 4) {
+      accumulate_n(n, first, acc, live_x, live_w, start, len);
+      first = false;
+      n = 0;
     }
+  }
+  if (n > 0) {
+    accumulate_n(n, first, acc, live_x, live_w, start, len);
+    first = false;
+  }
+  if (first) {  // every weight of the row is 0
+    for (int64_t i = 0; i < len; ++i) acc[i] = acc_t(0);
   }
   scalar_t* o = out + start;
   for (int64_t i = 0; i < len; ++i) store(o, i, acc[i]);
 }
 
 // On [start, start + len), len <= kBlock: dxs[k] = w[k] * grad where dxs[k]
-// is not null, and, when dots is not null, dots[k] = <grad, xs[k]>.
+// is not null, and, when dots is not null, dots[k] = <grad, xs[k]>; with
+// skip_zero, dots[k] = 0 where w[k] is 0, and xs[k] is not read.
 template <typename scalar_t, typename acc_t>
 SIMPLEX_PARAM_INLINE void backward_segment(
     const scalar_t* grad, const scalar_t* const* xs, const acc_t* w, int64_t K,
-    scalar_t* const* dxs, acc_t* dots, int64_t start, int64_t len) {
+    scalar_t* const* dxs, acc_t* dots, bool skip_zero, int64_t start, int64_t len) {
   alignas(64) acc_t g[kBlock];
   for (int64_t i = 0; i < len; ++i) g[i] = load(grad + start, i);
   for (int64_t k = 0; k < K; ++k) {
@@ -180,7 +206,9 @@ SIMPLEX_PARAM_INLINE void backward_segment(
       const acc_t wk = w[k];
       for (int64_t i = 0; i < len; ++i) store(dx, i, wk * g[i]);
     }
-    if (dots != nullptr) {
+    if (dots != nullptr && skip_zero && w[k] == acc_t(0)) {
+      dots[k] = acc_t(0);
+    } else if (dots != nullptr) {
       const scalar_t* x = xs[k] + start;
       acc_t s[kLanes] = {};
       int64_t i = 0;
@@ -235,7 +263,8 @@ SIMPLEX_PARAM_INLINE void backward_tiles(
       acc_t* dots = grad_w == nullptr ? nullptr
           : tiles.pieces == 1         ? grad_w + row * c.K
                                       : partials + (row * tiles.pieces + piece) * c.K;
-      backward_segment(grad, ops.x.data(), ops.w + row * c.K, c.K, ops.grad_x.data(), dots, start, len);
+      backward_segment(
+          grad, ops.x.data(), ops.w + row * c.K, c.K, ops.grad_x.data(), dots, c.skip_zero_weights, start, len);
     });
   }
 }
@@ -318,8 +347,9 @@ at::Tensor weighted_sum_cpu(const at::Tensor& weights, at::TensorList inputs) {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_cpu(
     const at::Tensor& grad, const at::Tensor& weights, at::TensorList inputs,
-    bool weights_requires_grad, const c10::List<bool>& inputs_requires_grad) {
-  return weighted_sum_backward(grad, weights, inputs, weights_requires_grad, inputs_requires_grad, backward_kernel);
+    bool weights_requires_grad, const c10::List<bool>& inputs_requires_grad, bool skip_zero_weights) {
+  return weighted_sum_backward(
+      grad, weights, inputs, weights_requires_grad, inputs_requires_grad, skip_zero_weights, backward_kernel);
 }
 
 } // namespace

@@ -100,9 +100,10 @@ forward_kernel(
     for (int j = 0; j < VV; ++j) acc[j] = acc_in != nullptr ? acc_in[i + j] : acc_t(0);
 #pragma unroll 4
     for (int k = 0; k < kc; ++k) {
+      const acc_t wk = wr[k];
+      if (wk == acc_t(0)) continue;  // an input of weight 0 is not read
       acc_t x[VV];
       load<VV>(xs.p[k] + i, x);
-      const acc_t wk = wr[k];
 #pragma unroll
       for (int j = 0; j < VV; ++j) acc[j] = fma(wk, x[j], acc[j]);
     }
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
 backward_kernel(
     const scalar_t* __restrict__ grad, Ptrs<const scalar_t, kBwdChunk> xs, Ptrs<scalar_t, kBwdChunk> dxs,
     int kc, const acc_t* __restrict__ w, int64_t K, int64_t row_len, int64_t pieces, int64_t tile_len,
-    acc_t* __restrict__ partials) {
+    acc_t* __restrict__ partials, bool skip_zero) {
   __shared__ acc_t dots[kBwdChunk][kWarps];
   const int64_t row = blockIdx.x / pieces, piece = blockIdx.x % pieces;
   const int64_t begin = row * row_len + piece * tile_len;
@@ -156,7 +157,7 @@ backward_kernel(
         for (int j = 0; j < VV; ++j) d[j] = wr[k] * g[j];
         store<VV>(dxs.p[k] + i, d);
       }
-      if (need_dot) {
+      if (need_dot && !(skip_zero && wr[k] == acc_t(0))) {
         acc_t x[VV];
         load<VV>(xs.p[k] + i, x);
 #pragma unroll
@@ -269,7 +270,7 @@ void launch_backward(const Contraction& c, cudaStream_t stream) {
     if (!any) continue;  // nothing of this chunk is wanted
     backward_kernel<scalar_t, acc_t, V><<<blocks, kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(c.grad), xs, dxs, kc, w + k0, c.K, c.row_len, pieces, tile_len,
-        need_dot ? partials.mutable_data_ptr<acc_t>() + k0 * pieces : nullptr);
+        need_dot ? partials.mutable_data_ptr<acc_t>() + k0 * pieces : nullptr, c.skip_zero_weights);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (need_dot) {
@@ -316,8 +317,9 @@ at::Tensor weighted_sum_cuda(const at::Tensor& weights, at::TensorList inputs) {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_cuda(
     const at::Tensor& grad, const at::Tensor& weights, at::TensorList inputs,
-    bool weights_requires_grad, const c10::List<bool>& inputs_requires_grad) {
-  return weighted_sum_backward(grad, weights, inputs, weights_requires_grad, inputs_requires_grad, backward_kernel_cuda);
+    bool weights_requires_grad, const c10::List<bool>& inputs_requires_grad, bool skip_zero_weights) {
+  return weighted_sum_backward(
+      grad, weights, inputs, weights_requires_grad, inputs_requires_grad, skip_zero_weights, backward_kernel_cuda);
 }
 
 } // namespace
