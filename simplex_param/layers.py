@@ -1,7 +1,8 @@
 r"""Fusion layers on the fused operator.
 
-:class:`SimplexFusion` mixes K same-shaped inputs (modalities, branches, the
-candidate operations of a DARTS cell) with learned weights on the simplex;
+:class:`SimplexFusion` mixes K same-shaped inputs (modalities, branches) with
+learned weights on the simplex (for architecture search, see
+:class:`simplex_param.MixedOp`);
 :class:`LazySimplexFusion` infers K from its first call; :class:`ScalarMix` is
 a drop-in for AllenNLP's ``ScalarMix`` (the ELMo-style mix of layer outputs),
 down to its parameters and checkpoints.
