@@ -14,7 +14,7 @@ The fusion layers keep their weights as a 1-D parameter parametrized by
 """
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import torch
@@ -96,6 +96,13 @@ class SimplexFusion(nn.Module):
     :math:`w_k / \sum_{j\,\mathrm{present}} w_j`), and stay differentiable.
     All absent is an error.
 
+    **Named inputs.** With ``names=["rgb", "depth", "audio"]`` the layer also
+    takes a mapping from names to tensors, with any non-empty subset of the
+    names present: the absent ones are missing inputs, as above. An unknown
+    name raises ``KeyError``. The K weights exist from construction, so an
+    optimizer built then sees them, and calls with different subsets all
+    train the same weights.
+
     **Weight dropout.** With ``weight_dropout=p``, in training mode each present
     input is dropped with probability ``p`` and the weights are renormalised
     over the kept ones, so they still sum to one; when all fall, one chosen
@@ -104,7 +111,9 @@ class SimplexFusion(nn.Module):
     still be finite.
 
     Args:
-        num_inputs (int): K, the number of inputs, at least 1.
+        num_inputs (int): K, the number of inputs, at least 1; may be left
+            out when ``names`` is given.
+        names (sequence of str, optional): a name per input, for mappings.
         bias (bool, optional): add a learnable scalar bias, zero at first.
             Default: ``False``.
         temperature (float, optional): softmax temperature, positive and
@@ -143,8 +152,9 @@ class SimplexFusion(nn.Module):
 
     def __init__(
         self,
-        num_inputs: int,
+        num_inputs: Optional[int] = None,
         *,
+        names: Optional[Sequence[str]] = None,
         bias: bool = False,
         temperature: float = 1.0,
         weight_dropout: float = 0.0,
@@ -154,6 +164,9 @@ class SimplexFusion(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        self.names = _check_names(names, num_inputs)
+        if self.names is not None:
+            num_inputs = len(self.names)
         self.temperature = checks.check_float_temperature(temperature)
         self.weight_dropout = _check_probability(weight_dropout)
         self.map = _check_map(map)
@@ -187,6 +200,8 @@ class SimplexFusion(nn.Module):
         )
 
     def forward(self, inputs) -> Tensor:
+        if isinstance(inputs, Mapping):
+            inputs = self._by_name(inputs)
         n = _num_entries(inputs)
         if n != self.num_inputs:
             raise ValueError(f"inputs has {n} entries but this layer fuses num_inputs={self.num_inputs}")
@@ -204,6 +219,35 @@ class SimplexFusion(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out
+
+
+    def _by_name(self, inputs: Mapping) -> list:
+        """A mapping of names to tensors as the list of K entries, ``None``
+        for the names it lacks."""
+        if self.names is None:
+            raise TypeError("inputs given as a mapping need a layer built with names=[...]")
+        unknown = [key for key in inputs if key not in self.names]
+        if unknown:
+            raise KeyError(f"unknown input name {unknown[0]!r}; this layer fuses {list(self.names)}")
+        if not inputs:
+            raise ValueError(f"inputs: the mapping is empty; at least one of {list(self.names)} must be present")
+        return [inputs.get(name) for name in self.names]
+
+
+def _check_names(names, num_inputs):
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"names must be a list or tuple of str, got {type(names).__name__}")
+    names = tuple(names)
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise TypeError(f"names[{i}] must be a str, got {type(name).__name__}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names must be distinct, got {list(names)}")
+    if num_inputs is not None and num_inputs != len(names):
+        raise ValueError(f"num_inputs={num_inputs} but names has {len(names)} entries")
+    return names
 
 
 class LazySimplexFusion(LazyModuleMixin, SimplexFusion):

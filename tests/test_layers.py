@@ -220,6 +220,8 @@ def test_fusion_bad_arguments():
     with pytest.raises(ValueError, match="every entry is None"):
         fuse([None, None, None])
     with pytest.raises(TypeError, match="inputs must be a list or tuple"):
+        fuse({0, 1, 2})
+    with pytest.raises(TypeError, match=r"inputs given as a mapping need a layer built with names=\[...\]"):
         fuse({0: x})
     with pytest.raises(TypeError, match=r"inputs\[1\] must be a Tensor"):
         fuse([x, 3.0, x])
@@ -623,3 +625,83 @@ def test_lazy_fusion_keeps_its_map():
     assert fuse.map == "entmax15" and fuse.parametrizations.weight[0].map == "entmax15"
     with pytest.raises(ValueError, match="map must be one of"):
         sp.SimplexFusion(2, map="gumbel")
+
+
+# --------------------------------------------------------------------------
+# Named inputs, any subset
+# --------------------------------------------------------------------------
+
+NAMES = ["rgb", "depth", "audio"]
+
+
+@pytest.mark.parametrize("subset", [s for r in (1, 2, 3) for s in itertools.combinations(NAMES, r)])
+def test_named_inputs_any_subset(subset):
+    torch.manual_seed(70)
+    fuse = sp.SimplexFusion(names=NAMES)
+    with torch.no_grad():
+        fuse.parametrizations.weight.original.copy_(torch.tensor([0.3, -0.2, 0.9]))
+    xs = {name: torch.randn(2, 5) for name in NAMES}
+    z = fuse.parametrizations.weight.original
+    out = fuse({name: xs[name] for name in subset})
+    idx = [NAMES.index(name) for name in subset]
+    w = torch.softmax(z.detach()[idx], 0)  # renormalised over the present names
+    assert_close(out, sum(w_k * xs[name] for w_k, name in zip(w, subset)))
+    out.square().sum().backward()
+    for k, name in enumerate(NAMES):
+        if name not in subset:
+            assert z.grad[k] == 0  # an absent input's weight gets exactly no gradient
+    # The order of the mapping does not matter.
+    assert_close(fuse(dict(reversed([(name, xs[name]) for name in subset]))), out.detach())
+
+
+def test_named_inputs_errors_and_state():
+    fuse = sp.SimplexFusion(names=NAMES)
+    assert fuse.num_inputs == 3
+    with pytest.raises(KeyError, match=r"unknown input name 'lidar'; this layer fuses \['rgb', 'depth', 'audio'\]"):
+        fuse({"rgb": torch.ones(2), "lidar": torch.ones(2)})
+    with pytest.raises(ValueError, match="the mapping is empty"):
+        fuse({})
+    with pytest.raises(TypeError, match="need a layer built with names"):
+        sp.SimplexFusion(3)({"rgb": torch.ones(2)})
+    with pytest.raises(ValueError, match="names must be distinct"):
+        sp.SimplexFusion(names=["a", "a"])
+    with pytest.raises(ValueError, match="num_inputs=2 but names has 3 entries"):
+        sp.SimplexFusion(2, names=NAMES)
+    # The weights exist from construction and round-trip through a state_dict.
+    opt = torch.optim.SGD(fuse.parameters(), lr=0.1)
+    fuse({"depth": torch.ones(2), "audio": -torch.ones(2)}).sum().backward()
+    opt.step()
+    other = sp.SimplexFusion(names=NAMES)
+    other.load_state_dict(fuse.state_dict())
+    assert_close(other.weight, fuse.weight)
+
+
+def test_named_inputs_compile_on_a_fixed_subset():
+    torch._dynamo.reset()
+    fuse = sp.SimplexFusion(names=NAMES)
+    xs = {"rgb": torch.randn(3, 4), "audio": torch.randn(3, 4)}
+    compiled = torch.compile(fuse, fullgraph=True)
+    assert_close(compiled(xs), fuse(xs))
+
+
+def test_a_changing_number_of_inputs_learns_one_set_of_weights():
+    # Inputs arrive 2, then 5, then 3, then 4 at a time. The layer is declared
+    # once, for all five names, and every call trains the same weights: they
+    # converge to the true mixture whatever subset each step sees. (A layer
+    # re-created whenever the count changes loses what it learnt each time.)
+    torch.manual_seed(71)
+    names = ["a", "b", "c", "d", "e"]
+    true = torch.tensor([0.4, 0.1, 0.25, 0.05, 0.2])
+    fuse = sp.SimplexFusion(names=names)
+    opt = torch.optim.Adam(fuse.parameters(), lr=0.05)
+    sizes = [2, 5, 3, 4]
+    for step in range(600):
+        subset = sorted(torch.randperm(5)[: sizes[step % 4]].tolist())
+        xs = {names[k]: torch.randn(64) for k in subset}
+        w = true[subset] / true[subset].sum()
+        target = sum(w_k * xs[names[k]] for w_k, k in zip(w, subset))
+        loss = (fuse(xs) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (fuse.weight.detach() - true).abs().max() < 0.02
