@@ -10,6 +10,7 @@ from .parametrization import Simplex, combine, simplex
 from .layers import LazySimplexFusion, ScalarMix, SimplexFusion
 from .gumbel import gumbel_softmax
 from .search import MixedOp, architecture_parameters, set_temperature, split_parameters
+from .diagnostics import entropy, summary
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,6 @@ __all__ = [
     "architecture_parameters",
     "split_parameters",
     "set_temperature",
+    "summary",
+    "entropy",
 ]

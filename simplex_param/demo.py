@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._ext import extension_loaded
+from .diagnostics import summary
 from .layers import SimplexFusion
 
 __all__ = ["add_arguments", "run", "main"]
@@ -216,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
     ratio = med["hand-written"] / med["fused"]
     verdict = "faster" if ratio > 1 else "slower"
     print(f"  SimplexFusion is {ratio:.2f}x the speed of the hand-written recipe ({verdict})")
+    print()
+    print("the learned weights (sp.summary):")
+    print(summary(nn.ModuleDict({"fused": models["fused"]})))
     return 0 if ok else 1
 
 

@@ -91,3 +91,10 @@ def test_python_m_simplex_param_demo():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     check_report(proc.stdout, K=5)
+
+
+def test_demo_ends_with_the_weights_summary(capsys):
+    assert demo.main(SMALL + ["--inputs", "3"]) == 0
+    out = capsys.readouterr().out
+    tail = out[out.index("the learned weights (sp.summary):"):]
+    assert re.search(r"^fused\.weight\s+SimplexFusion\s+softmax\s+1\s+3\s+[0-9.]+\s+[0-9.]+\s+3\.00\s+\d:", tail, re.M)
