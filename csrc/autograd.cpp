@@ -23,13 +23,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-at::Tensor weighted_sum_op(const at::Tensor& weights, at::TensorList inputs) {
-  static const auto op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("simplex_param::weighted_sum", "")
-      .typed<at::Tensor(const at::Tensor&, at::TensorList)>();
-  return op.call(weights, inputs);
-}
-
 std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_op(
     const at::Tensor& grad, const at::Tensor& weights, at::TensorList inputs, bool need_w,
     const c10::List<bool>& need_x, bool skip_zero_weights) {
@@ -45,7 +38,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_op(
 // (fake tensors while torch.compile traces, functorch wrappers).
 std::vector<bool> zero_weights(const at::Tensor& weights) {
   std::vector<bool> zero;
-  if (weights.dim() != 1 || !weights.device().is_cpu() || at::isTensorSubclassLike(weights)) return zero;
+  const at::ScalarType t = weights.scalar_type();
+  const bool kernel_dtype = t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+  if (weights.dim() != 1 || !weights.device().is_cpu() || !kernel_dtype || at::isTensorSubclassLike(weights)) {
+    return zero;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "zero_weights", [&] {
     const scalar_t* p = weights.const_data_ptr<scalar_t>();
     for (int64_t k = 0; k < weights.size(0); ++k) zero.push_back(p[k * weights.stride(0)] == scalar_t(0));
@@ -117,7 +114,7 @@ class WeightedSumFunction : public torch::autograd::Function<WeightedSumFunction
     if (weights.requires_grad()) saved.insert(saved.end(), inputs.begin(), inputs.end());
     ctx->save_for_backward(saved);
     at::AutoDispatchBelowADInplaceOrView guard;
-    return weighted_sum_op(weights, inputs);
+    return call_weighted_sum(weights, inputs);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {

@@ -80,15 +80,35 @@ std::string py(const at::Device& d) {
   return d.str();
 }
 
-// repr() of a float: shortest round trip, ".0" on integers.
+// Python's repr() of a float: the shortest digits that round-trip, in fixed
+// notation for decimal exponents from -4 to 15 (with ".0" on integers), else
+// as d.ddde+XX.
 std::string py_float(double x) {
   if (std::isnan(x)) return "nan";
   if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
   char buf[64];
-  auto res = std::to_chars(buf, buf + sizeof(buf), x);
-  std::string s(buf, res.ptr);
-  if (s.find_first_of(".e") == std::string::npos) s += ".0";
-  return s;
+  const auto res = std::to_chars(buf, buf + sizeof(buf), x, std::chars_format::scientific);
+  const std::string sci(buf, res.ptr);  // [-]d[.ddd]e(+|-)XX
+  const size_t e = sci.find('e');
+  const int exp = std::stoi(sci.substr(e + 1));
+  const bool negative = sci[0] == '-';
+  std::string digits;
+  for (char c : sci.substr(negative, e - negative)) {
+    if (c != '.') digits += c;
+  }
+  std::string out = negative ? "-" : "";
+  if (exp < -4 || exp >= 16) {
+    out += digits.substr(0, 1);
+    if (digits.size() > 1) out += "." + digits.substr(1);
+    const int a = std::abs(exp);
+    out += std::string("e") + (exp < 0 ? "-" : "+") + (a < 10 ? "0" : "") + std::to_string(a);
+  } else if (exp < 0) {
+    out += "0." + std::string(-exp - 1, '0') + digits;
+  } else {
+    if (digits.size() <= static_cast<size_t>(exp) + 1) digits += std::string(exp + 1 - digits.size(), '0');
+    out += digits.substr(0, exp + 1) + "." + (digits.size() > static_cast<size_t>(exp) + 1 ? digits.substr(exp + 1) : "0");
+  }
+  return out;
 }
 
 // The weights' leading dimensions are the first ones of `other` (a shape).
@@ -128,16 +148,17 @@ void check_args(const at::Tensor& weights, at::TensorList inputs, const char* na
   if (!kernel_dtype(x0.scalar_type())) fail(Error::input_dtype, {{"dtype", py(x0.scalar_type())}});
   for (int64_t k = 1; k < K; ++k) {
     const at::Tensor& x = inputs[k];
-    const std::string ks = std::to_string(k);
     if (x.scalar_type() != x0.scalar_type()) {
       fail(Error::input_dtype_mismatch,
-           {{"k", ks}, {"dtype", py(x.scalar_type())}, {"dtype0", py(x0.scalar_type())}});
+           {{"k", std::to_string(k)}, {"dtype", py(x.scalar_type())}, {"dtype0", py(x0.scalar_type())}});
     }
     if (!x.sizes().equals(x0.sizes())) {
-      fail(Error::input_shape_mismatch, {{"k", ks}, {"shape", py(x.sizes())}, {"shape0", py(x0.sizes())}});
+      fail(Error::input_shape_mismatch,
+           {{"k", std::to_string(k)}, {"shape", py(x.sizes())}, {"shape0", py(x0.sizes())}});
     }
     if (x.device() != x0.device()) {
-      fail(Error::input_device_mismatch, {{"k", ks}, {"device", py(x.device())}, {"device0", py(x0.device())}});
+      fail(Error::input_device_mismatch,
+           {{"k", std::to_string(k)}, {"device", py(x.device())}, {"device0", py(x0.device())}});
     }
   }
   check_prefix(weights, name, x0.sizes(), "inputs[0]");

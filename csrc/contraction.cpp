@@ -1,6 +1,7 @@
 #include "contraction.h"
 
 #include <ATen/Functions.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "checks.h"
 #include "layout.h"
@@ -15,6 +16,13 @@ int64_t num_rows(const at::Tensor& weights) {
 }
 
 } // namespace
+
+at::Tensor call_weighted_sum(const at::Tensor& weights, at::TensorList inputs) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::weighted_sum", "")
+      .typed<at::Tensor(const at::Tensor&, at::TensorList)>();
+  return op.call(weights, inputs);
+}
 
 at::Tensor weighted_sum_forward(const at::Tensor& weights, at::TensorList inputs, ContractionKernel kernel) {
   check_args(weights, inputs, "weights");

@@ -37,11 +37,14 @@ struct Contraction {
 
 using ContractionKernel = void (*)(const Contraction&);
 
+// weighted_sum through the dispatcher (autograd and every backend).
+at::Tensor call_weighted_sum(const at::Tensor& weights, at::TensorList inputs);
+
 // The ops, for a backend's kernels: checks, layout, allocation, then one
 // call of `kernel` unless there is nothing to compute. Every kernel skips
 // the inputs whose weight is exactly 0 in a row: the forward does not read
 // them (so inf or NaN there does not reach the output), and the backward
-// writes 0 to their gradient.
+// writes exactly 0 to their gradient there (not 0 * grad).
 at::Tensor weighted_sum_forward(const at::Tensor& weights, at::TensorList inputs, ContractionKernel kernel);
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(

@@ -115,10 +115,7 @@ at::Tensor simplex_weighted_sum(
 }
 
 at::Tensor softmax_weighted_sum(const at::Tensor& logits, at::TensorList inputs, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("simplex_param::simplex_weighted_sum", "")
-      .typed<at::Tensor(const at::Tensor&, at::TensorList, c10::string_view, double)>();
-  return op.call(logits, inputs, "softmax", temperature);
+  return call_simplex_weighted_sum(logits, inputs, "softmax", temperature);
 }
 
 } // namespace
@@ -135,14 +132,20 @@ std::pair<at::Tensor, at::Tensor> mapped_weighted_sum(
   check_args(logits, inputs, "logits");
   const SimplexMap& m = find_map(map);
   check_temperature(temperature);
-  static const auto sum_op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("simplex_param::weighted_sum", "")
-      .typed<at::Tensor(const at::Tensor&, at::TensorList)>();
   const at::ScalarType acc = acc_type(inputs[0].scalar_type());
-  // (`to` would return the logits themselves, which an op below autograd must not do.)
+  // No aten::to dispatch when the dtype already matches: below autograd,
+  // opcheck's schema check flags that op for returning its own input.
   at::Tensor w = m.forward(logits.scalar_type() == acc ? logits : logits.to(acc), temperature);
-  at::Tensor out = sum_op.call(w, inputs);
+  at::Tensor out = call_weighted_sum(w, inputs);
   return {std::move(w), std::move(out)};
+}
+
+at::Tensor call_simplex_weighted_sum(
+    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::simplex_weighted_sum", "")
+      .typed<at::Tensor(const at::Tensor&, at::TensorList, c10::string_view, double)>();
+  return op.call(logits, inputs, map, temperature);
 }
 
 // Without autograd (inference mode, or below the Autograd kernel of

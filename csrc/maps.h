@@ -27,6 +27,10 @@ struct SimplexMap {
 // The map called `name`; raises the `unknown_map` error for any other name.
 const SimplexMap& find_map(c10::string_view name);
 
+// simplex_weighted_sum through the dispatcher (autograd and every backend).
+at::Tensor call_simplex_weighted_sum(
+    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature);
+
 // The forward of simplex_weighted_sum: the checks, then the weights
 // w = map(logits / temperature) in the accumulation dtype of the inputs, and
 // the contraction of the inputs with them. Returns (w, out).

@@ -6,27 +6,23 @@
 // the boxed argument parsing of a torch.ops call, which costs several
 // microseconds per call with a list of tensors (docs/benchmarks.md,
 // "overhead"). Under torch.compile, ops.py calls torch.ops instead.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
 #include <string>
 #include <vector>
 
+#include "contraction.h"
+#include "maps.h"
+
 namespace {
 
 at::Tensor weighted_sum(const at::Tensor& weights, const std::vector<at::Tensor>& inputs) {
-  static const auto op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("simplex_param::weighted_sum", "")
-      .typed<at::Tensor(const at::Tensor&, at::TensorList)>();
-  return op.call(weights, inputs);
+  return simplex_param::call_weighted_sum(weights, inputs);
 }
 
 at::Tensor simplex_weighted_sum(
     const at::Tensor& logits, const std::vector<at::Tensor>& inputs, const std::string& map, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("simplex_param::simplex_weighted_sum", "")
-      .typed<at::Tensor(const at::Tensor&, at::TensorList, c10::string_view, double)>();
-  return op.call(logits, inputs, map, temperature);
+  return simplex_param::call_simplex_weighted_sum(logits, inputs, map, temperature);
 }
 
 } // namespace

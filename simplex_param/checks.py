@@ -116,6 +116,10 @@ def check_backward_args(grad, weights, inputs, weights_requires_grad, inputs_req
             raise error("grad_dtype_mismatch", dtype=grad.dtype, dtype0=x0.dtype)
 
 
-def check_map(name: str, known) -> None:
+def check_map(name, known) -> str:
+    """`name` must be a str naming one of the maps `known`."""
+    if not isinstance(name, str):
+        raise TypeError(f"map must be a str, got {type(name).__name__}")
     if name not in known:
         raise error("unknown_map", maps=", ".join(repr(m) for m in known), map=name)
+    return name

@@ -35,7 +35,7 @@ def entropy(weights) -> Tensor:
         tensor(1.3863)
     """
     if isinstance(weights, nn.Module):
-        found = [w for _, _, w in _simplex_weights(weights)]
+        found = [w for _, _, _, w in _simplex_weights(weights)]
         if not found:
             raise ValueError("entropy: the module holds no simplex weights")
         return sum(_mean_entropy(w) for w in found)
@@ -84,11 +84,12 @@ class WeightSummary(list):
 
 
 def _simplex_weights(model: nn.Module):
-    """(name, owning module, weights with a graph) of every simplex weight tensor."""
+    """(name, owning module, its Simplex or None for ScalarMix, weights with a
+    graph as vectors along the last dimension) of every simplex weight tensor."""
     for prefix, m in model.named_modules():
         path = f"{prefix}." if prefix else ""
         if isinstance(m, ScalarMix):
-            yield f"{path}weight", m, m.weight
+            yield f"{path}weight", m, None, m.weight
             continue
         if not parametrize.is_parametrized(m):
             continue
@@ -99,7 +100,7 @@ def _simplex_weights(model: nn.Module):
             w = getattr(m, tensor_name)
             dim = simplex[-1].dim
             w = w.reshape(-1) if dim is None else w.movedim(dim, -1)
-            yield f"{path}{tensor_name}", m, w
+            yield f"{path}{tensor_name}", m, simplex[-1], w
 
 
 def summary(model: nn.Module) -> WeightSummary:
@@ -117,13 +118,8 @@ def summary(model: nn.Module) -> WeightSummary:
     """
     records = WeightSummary()
     with torch.no_grad():
-        for name, m, w in _simplex_weights(model):
+        for name, m, simplex, w in _simplex_weights(model):
             w = w.detach().double()
-            simplex = None
-            if parametrize.is_parametrized(m):
-                tensor_name = name.rsplit(".", 1)[-1]
-                if tensor_name in m.parametrizations:
-                    simplex = next(p for p in m.parametrizations[tensor_name] if isinstance(p, Simplex))
             kind = type(m).__name__.removeprefix("Parametrized")
             if not isinstance(m, (SimplexFusion, MixedOp, ScalarMix)):
                 kind = "Simplex"

@@ -48,9 +48,7 @@ def _check_probability(p) -> float:
 def _num_entries(inputs) -> int:
     """K of a list/tuple of inputs (``None`` entries included) or of a tensor of shape (K, ...)."""
     if isinstance(inputs, Tensor):
-        if inputs.dim() == 0:
-            raise ValueError("inputs given as a single tensor must have a first dimension K, got a 0-D tensor")
-        return inputs.shape[0]
+        return ops._num_stacked(inputs)
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
         raise TypeError(f"inputs must be a list or tuple of tensors, or one tensor, got {type(inputs).__name__}")
     return len(inputs)

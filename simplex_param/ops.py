@@ -22,13 +22,19 @@ __all__ = ["simplex_weighted_sum", "softmax_weighted_sum", "weighted_sum"]
 OPS = ("weighted_sum", "_weighted_sum_backward", "simplex_weighted_sum", "softmax_weighted_sum")
 
 
+def _num_stacked(inputs: Tensor) -> int:
+    """K of inputs given as one (K, ...) tensor."""
+    if inputs.dim() == 0:
+        raise ValueError("inputs given as a single tensor must have a first dimension K, got a 0-D tensor")
+    return inputs.shape[0]
+
+
 def _as_list(inputs) -> list:
     """`inputs` as a list or tuple of tensors: a tensor is split (as views)
     along dim 0; any other iterable, a generator included, is read once."""
     if type(inputs) not in (list, tuple):
         if isinstance(inputs, Tensor):
-            if inputs.dim() == 0:
-                raise ValueError("inputs given as a single tensor must have a first dimension K, got a 0-D tensor")
+            _num_stacked(inputs)
             return inputs.unbind(0)
         if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
             raise TypeError(f"inputs must be an iterable of tensors, or one tensor, got {type(inputs).__name__}")
@@ -107,8 +113,6 @@ def simplex_weighted_sum(logits: Tensor, inputs, *, map: str = "softmax", temper
         >>> sp.simplex_weighted_sum(torch.tensor([2.0, 1.5, -1.0]), xs, map="sparsemax")  # weights 0.75, 0.25, 0
         tensor([0.2500, 0.2500])
     """
-    if not isinstance(map, str):
-        raise TypeError(f"map must be a str, got {type(map).__name__}")
     checks.check_map(map, reference.MAPS)
     return _mapped_weighted_sum(logits, inputs, map, temperature)
 

@@ -202,11 +202,8 @@ class Simplex(nn.Module):
 
 
 def _check_map(map) -> str:
-    if not isinstance(map, str):
-        raise TypeError(f"map must be a str, got {type(map).__name__}")
-    if map not in SIMPLEX_MAPS:
-        raise ValueError(f"map must be one of {', '.join(repr(m) for m in SIMPLEX_MAPS)}, got {map!r}")
-    return map
+    """One of the maps whose weights lie on the simplex."""
+    return checks.check_map(map, SIMPLEX_MAPS)
 
 
 def _get_tensor(module: nn.Module, name: str) -> Tensor:

@@ -98,9 +98,9 @@ class MixedOp(nn.Module):
         self.generator = generator
         if own_weights:
             self.weight = nn.Parameter(torch.zeros(len(candidates)))
+            # Zeros are not on the simplex: right_inverse keeps them as the
+            # pre-weights, uniform weights at first.
             parametrize.register_parametrization(self, "weight", Simplex(temperature=self.temperature, map=map))
-            with torch.no_grad():
-                self.parametrizations.weight.original.zero_()
 
     def extra_repr(self) -> str:
         return (
@@ -127,16 +127,18 @@ class MixedOp(nn.Module):
             return ops.simplex_weighted_sum(
                 z, (op(x) for op in self.candidates), map=self.map, temperature=self.temperature
             )
+        # Which module runs is host control flow: one read on the host (a
+        # graph break under torch.compile, which the soft mode does not have).
         if self.training:
             w = gumbel_softmax(z, temperature=self.temperature, hard=True, generator=self.generator)
+            i = int(w.detach().argmax())
+            w_i = w[i]
         else:
             # The most likely candidate; the same straight-through form, without noise.
-            p = torch.softmax(z / self.temperature, -1)
-            w = torch.zeros_like(p).scatter_(-1, z.argmax(-1, keepdim=True), 1.0) + (p - p.detach())
-        # Which module runs is host control flow: one read of K values (a
-        # graph break under torch.compile, which the soft mode does not have).
-        i = int(w.detach().argmax())
-        return w[i] * self.candidates[i](x)
+            i = int(z.detach().argmax())
+            p_i = torch.softmax(z / self.temperature, -1)[i]
+            w_i = 1 + (p_i - p_i.detach())  # exactly 1, with the softmax's gradient
+        return w_i * self.candidates[i](x)
 
 
 def architecture_parameters(model: nn.Module) -> list:

@@ -247,3 +247,15 @@ def test_opcheck_backward_skipping_zero_weights(device):
     torch.library.opcheck(torch.ops.simplex_param._weighted_sum_backward.default, args)
     grad_w, _ = torch.ops.simplex_param._weighted_sum_backward(*args)
     assert torch.equal(grad_w[:, 1], torch.zeros(4, dtype=torch.float64, device=device))
+
+
+@pytest.mark.skipif(not COMPILED, reason="the fallback computes 0 * grad (docs/numerics.md)")
+@pytest.mark.parametrize("weight_shape", [(3,), (2, 3)])
+def test_zero_weight_gradient_is_exactly_zero_even_for_a_nan_grad(weight_shape, device):
+    xs = [torch.randn(2, 4, device=device, requires_grad=True) for _ in range(3)]
+    w = torch.tensor([0.5, 0.0, 0.5], device=device).expand(weight_shape).contiguous()
+    g = torch.randn(2, 4, device=device)
+    g[0, 0] = float("nan")
+    got = torch.autograd.grad(sp.weighted_sum(w, xs), xs, g)
+    assert torch.equal(got[1], torch.zeros(2, 4, device=device))
+    assert torch.isnan(got[0][0, 0])

@@ -2,6 +2,7 @@
 opcheck, torch.compile, layouts, zero-size inputs and argument errors."""
 import itertools
 import os
+import re
 
 import pytest
 import torch
@@ -573,3 +574,14 @@ def test_zero_size_nan_logits_give_nan_gradient(device):
     xs = [torch.empty(0, device=device, requires_grad=True) for _ in range(2)]
     sp.softmax_weighted_sum(logits, xs).sum().backward()
     assert torch.isnan(logits.grad).all()
+
+
+@pytest.mark.skipif(not COMPILED, reason="the compiled op formats the value in C++")
+@pytest.mark.parametrize("value", [-100000.0, -0.0001, -1e-05, -1e16, -1.5e16, -123.456, 0.0, -3.14159e-07])
+def test_temperature_error_prints_the_value_as_python_does(value):
+    # The C++ check writes the float as repr() does, so both paths match.
+    msg = f"^temperature must be a positive finite number, got {re.escape(repr(value))}$"
+    with pytest.raises(ValueError, match=msg):
+        torch.ops.simplex_param.softmax_weighted_sum(torch.zeros(1), [_x(2)], value)
+    with pytest.raises(ValueError, match=msg):
+        checks.check_float_temperature(value)

@@ -204,7 +204,11 @@ SIMPLEX_PARAM_INLINE void backward_segment(
     if (dxs[k] != nullptr) {
       scalar_t* dx = dxs[k] + start;
       const acc_t wk = w[k];
-      for (int64_t i = 0; i < len; ++i) store(dx, i, wk * g[i]);
+      if (wk == acc_t(0)) {  // exactly 0, also where grad holds inf or NaN
+        for (int64_t i = 0; i < len; ++i) store(dx, i, acc_t(0));
+      } else {
+        for (int64_t i = 0; i < len; ++i) store(dx, i, wk * g[i]);
+      }
     }
     if (dots != nullptr && skip_zero && w[k] == acc_t(0)) {
       dots[k] = acc_t(0);

@@ -153,8 +153,9 @@ backward_kernel(
       if (k >= kc) continue;  // a constant trip count keeps dot[] in registers
       if (dxs.p[k] != nullptr) {
         acc_t d[VV];
+        const acc_t wk = wr[k];  // a zero weight gives exactly 0, also for inf or NaN in grad
 #pragma unroll
-        for (int j = 0; j < VV; ++j) d[j] = wr[k] * g[j];
+        for (int j = 0; j < VV; ++j) d[j] = wk == acc_t(0) ? acc_t(0) : wk * g[j];
         store<VV>(dxs.p[k] + i, d);
       }
       if (need_dot && !(skip_zero && wr[k] == acc_t(0))) {
