@@ -7,10 +7,11 @@ softmax-and-weighted-sum operator (C++/CUDA kernels registered with
 from ._ext import extension_loaded
 from .ops import simplex_weighted_sum, softmax_weighted_sum, weighted_sum
 from .parametrization import Simplex, combine, simplex
-from .layers import LazySimplexFusion, ScalarMix, SimplexFusion
+from .layers import LazySimplexFusion, ScalarMix, SimplexFusion, WeightedLayerSum
 from .gumbel import gumbel_softmax
 from .search import MixedOp, architecture_parameters, set_temperature, split_parameters
-from .diagnostics import entropy, summary
+from .diagnostics import entropy, summary, zero_one_loss
+from .weightlog import WeightLogger
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "SimplexFusion",
     "LazySimplexFusion",
     "ScalarMix",
+    "WeightedLayerSum",
     "gumbel_softmax",
     "MixedOp",
     "architecture_parameters",
@@ -32,4 +34,6 @@ __all__ = [
     "set_temperature",
     "summary",
     "entropy",
+    "zero_one_loss",
+    "WeightLogger",
 ]

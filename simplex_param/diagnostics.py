@@ -1,5 +1,5 @@
 r"""Seeing the weights: a summary of every simplex weight in a model, and
-their entropy as a regulariser.
+two regularisers on them, the entropy and FairDARTS' zero-one loss.
 
 For weights :math:`p` on the simplex, the entropy is
 :math:`H = -\sum_k p_k \log p_k` (with :math:`0 \log 0 = 0`), the effective
@@ -13,11 +13,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .layers import ScalarMix, SimplexFusion
+from .layers import ScalarMix, SimplexFusion, WeightedLayerSum
 from .parametrization import Simplex
 from .search import MixedOp
 
-__all__ = ["WeightRecord", "WeightSummary", "summary", "entropy"]
+__all__ = ["WeightRecord", "WeightSummary", "summary", "entropy", "zero_one_loss"]
 
 
 def entropy(weights) -> Tensor:
@@ -25,7 +25,8 @@ def entropy(weights) -> Tensor:
 
     ``weights`` is a tensor of probability vectors along its last dimension,
     or a module: then the sum over the summary's weights (every
-    Simplex-parametrized tensor, fusion layer, ScalarMix and MixedOp in it).
+    Simplex-parametrized tensor, fusion layer, ScalarMix, WeightedLayerSum
+    and MixedOp in it).
     Add ``beta * sp.entropy(model)`` to the loss to flatten the weights
     (``beta > 0``) or sharpen them (``beta < 0``).
 
@@ -44,6 +45,47 @@ def entropy(weights) -> Tensor:
     return _mean_entropy(weights)
 
 
+def zero_one_loss(weights) -> Tensor:
+    r"""FairDARTS' zero-one loss, differentiable: pushes weights towards 0 or 1.
+
+    .. math::
+        L_{01} = -\frac{1}{N} \sum_{i=1}^{N} (w_i - \tfrac12)^2
+
+    over the N entries of ``weights``. FairDARTS (Chu et al., 2020) applies it
+    to sigmoid weights :math:`w = \sigma(\alpha)`, each in :math:`[0, 1]` on
+    its own: pass ``torch.sigmoid(alpha)``. On simplex weights it applies to
+    the weights themselves; since they sum to one, at most one can reach 1,
+    and per vector of K weights
+    :math:`L_{01} = -(\sum_k w_k^2 - 1 + K/4) / K`, so it pushes each vector
+    towards a one-hot (a vertex of the simplex), as a negative entropy factor
+    does. It is lowest, :math:`-1/4`, when every entry is 0 or 1.
+
+    ``weights`` is a floating tensor, or a module: then the sum of the loss
+    over the summary's weights (each tensor averaged over its own entries).
+    Add ``w01 * sp.zero_one_loss(...)`` to the loss (FairDARTS uses
+    ``w01 = 10``).
+
+    Example::
+
+        >>> sp.zero_one_loss(torch.tensor([0.75, 0.25]))   # -(0.25**2 + 0.25**2) / 2
+        tensor(-0.0625)
+        >>> sp.zero_one_loss(torch.tensor([1.0, 0.0]))     # the lowest value
+        tensor(-0.2500)
+    """
+    if isinstance(weights, nn.Module):
+        found = [w for _, _, _, w in _simplex_weights(weights)]
+        if not found:
+            raise ValueError("zero_one_loss: the module holds no simplex weights")
+        return sum(_zero_one(w) for w in found)
+    if not isinstance(weights, Tensor) or not weights.dtype.is_floating_point or weights.numel() == 0:
+        raise TypeError("zero_one_loss: weights must be a non-empty floating tensor, or a module")
+    return _zero_one(weights)
+
+
+def _zero_one(w: Tensor) -> Tensor:
+    return -(w - 0.5).square().mean()
+
+
 def _mean_entropy(p: Tensor) -> Tensor:
     # 0 log 0 = 0, with a finite gradient there: the log sees 1 where p is 0.
     return -(p * torch.where(p > 0, p, torch.ones_like(p)).log()).sum(-1).mean()
@@ -54,7 +96,7 @@ class WeightRecord:
     """One row of :func:`summary`: a simplex weight tensor of the model."""
 
     name: str  # where it lives: "fuse.weight", "encoder.mix"
-    kind: str  # "SimplexFusion", "ScalarMix", "MixedOp" or "Simplex"
+    kind: str  # "SimplexFusion", "ScalarMix", "WeightedLayerSum", "MixedOp" or "Simplex"
     map: str
     temperature: float
     weights: Tensor = field(repr=False)  # detached, probability vectors along the last dim
@@ -62,11 +104,24 @@ class WeightRecord:
     effective_k: float  # exp(entropy)
     support: float  # mean number of nonzero weights per vector
 
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, WeightRecord):
+            return NotImplemented
+        return all(
+            torch.equal(a, b) if isinstance(a, Tensor) else a == b
+            for a, b in zip(_fields(self), _fields(other))
+        ) and self.weights.dtype == other.weights.dtype
+
     def top(self, n: int = 4) -> str:
         """The largest weights of the first vector, as ``k:value``."""
         first = self.weights.reshape(-1, self.weights.shape[-1])[0]
         values, index = first.sort(descending=True)
         return " ".join(f"{int(k)}:{float(v):.3f}" for k, v in zip(index[:n], values[:n]))
+
+
+def _fields(record: WeightRecord) -> tuple:
+    return (record.name, record.kind, record.map, record.temperature, record.weights, record.entropy,
+            record.effective_k, record.support)
 
 
 class WeightSummary(list):
@@ -88,7 +143,7 @@ def _simplex_weights(model: nn.Module):
     graph as vectors along the last dimension) of every simplex weight tensor."""
     for prefix, m in model.named_modules():
         path = f"{prefix}." if prefix else ""
-        if isinstance(m, ScalarMix):
+        if isinstance(m, (ScalarMix, WeightedLayerSum)):
             yield f"{path}weight", m, None, m.weight
             continue
         if not parametrize.is_parametrized(m):
@@ -105,7 +160,7 @@ def _simplex_weights(model: nn.Module):
 
 def summary(model: nn.Module) -> WeightSummary:
     r"""Every simplex weight in ``model``: Simplex-parametrized tensors, fusion
-    layers, ScalarMix and MixedOp layers, one :class:`WeightRecord` each,
+    layers, ScalarMix, WeightedLayerSum and MixedOp layers, one :class:`WeightRecord` each,
     with the name, the map, the temperature, the weights, the entropy, the
     effective K and the support size. Print it for a table.
 
@@ -121,7 +176,7 @@ def summary(model: nn.Module) -> WeightSummary:
         for name, m, simplex, w in _simplex_weights(model):
             w = w.detach().double()
             kind = type(m).__name__.removeprefix("Parametrized")
-            if not isinstance(m, (SimplexFusion, MixedOp, ScalarMix)):
+            if not isinstance(m, (SimplexFusion, MixedOp, ScalarMix, WeightedLayerSum)):
                 kind = "Simplex"
             h = float(_mean_entropy(w))
             records.append(WeightRecord(

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
@@ -26,7 +27,7 @@ from torch.nn.utils import parametrize
 from . import checks, ops
 from .parametrization import Simplex, _check_map
 
-__all__ = ["SimplexFusion", "LazySimplexFusion", "ScalarMix"]
+__all__ = ["SimplexFusion", "LazySimplexFusion", "ScalarMix", "WeightedLayerSum"]
 
 
 def _check_count(value, name: str) -> int:
@@ -344,33 +345,42 @@ class ScalarMix(nn.Module):
     ``scalar_parameters.{K-1}`` and ``gamma``, so AllenNLP checkpoints load as
     they are. ``self.weight`` reads as :math:`s`.
 
-    With ``do_layer_norm=True``, :math:`\mu_k` and :math:`\sigma_k^2` are the
-    mean and (biased) variance of all the unmasked elements of :math:`t_k`
-    (a position is unmasked when ``mask`` is nonzero there; the mask covers
-    every dimension but the last), exactly as AllenNLP computes them, with
-    AllenNLP's :math:`\epsilon`: ``1e-4`` for float16 inputs, ``1e-13``
-    otherwise. The statistics and the normalisation are computed in float32
-    for float16 and bfloat16 inputs, and the result has the inputs' dtype. An
-    all-masked ``mask`` gives NaN, as in AllenNLP.
+    **Layer norm.** ``layer_norm="tensor"`` (AllenNLP's ``do_layer_norm=True``)
+    takes :math:`\mu_k` and :math:`\sigma_k^2` as the mean and (biased)
+    variance of all the unmasked elements of :math:`t_k` (a position is
+    unmasked when ``mask`` is nonzero there; the mask covers every dimension
+    but the last), exactly as AllenNLP computes them, with AllenNLP's
+    :math:`\epsilon`: ``1e-4`` for float16 inputs, ``1e-13`` otherwise. The
+    statistics and the normalisation are computed in float32 for float16 and
+    bfloat16 inputs, and the result has the inputs' dtype. An all-masked
+    ``mask`` gives NaN, as in AllenNLP.
+
+    ``layer_norm="token"`` normalises each vector along the last dimension on
+    its own, ``F.layer_norm(t, (D,))`` (:math:`\epsilon = 10^{-5}`, no affine
+    parameters), as s3prl's ``Featurizer`` and speechbrain's
+    ``WeightedSSLModel`` do; it needs no mask (one is ignored).
 
     Since :math:`\gamma s` is a vector of K numbers, the mix is one
     :func:`simplex_param.weighted_sum` pass over the tensors.
 
     Args:
         mixture_size (int): K, the number of tensors to mix.
-        do_layer_norm (bool, optional): normalise each tensor first.
-            Default: ``False``.
+        do_layer_norm (bool, optional): AllenNLP's switch: ``True`` is
+            ``layer_norm="tensor"``. Default: ``False``.
         initial_scalar_parameters (list of float, optional): K pre-softmax
             values, as in AllenNLP; ``-inf`` gives a layer the weight 0 (at
             least one must be finite). Default: zeros (uniform weights).
         trainable (bool, optional): whether the weights and ``gamma`` learn.
             Default: ``True``.
+        layer_norm (str, optional): ``"tensor"``, ``"token"`` or ``None``
+            (no normalisation). Give it or ``do_layer_norm``; a contradiction
+            between the two raises ``ValueError``. Default: ``None``.
 
     Shape:
         - tensors: a list or tuple of K tensors of one shape :math:`(*, D)`,
           or one tensor :math:`(K, *, D)`.
-        - mask: :math:`(*)`, bool or numeric; required with layer norm,
-          ignored without.
+        - mask: :math:`(*)`, bool or numeric; required with
+          ``layer_norm="tensor"``, ignored otherwise.
         - output: :math:`(*, D)`, in the tensors' dtype.
 
     Example::
@@ -384,18 +394,22 @@ class ScalarMix(nn.Module):
         >>> layers = [torch.full((1, 2), float(k)) for k in range(3)]
         >>> mix(layers)
         tensor([[1.3642, 1.3642]], grad_fn=<...>)
+        >>> sp.ScalarMix(3, layer_norm="token")
+        ScalarMix(mixture_size=3, layer_norm='token')
     """
 
     def __init__(
         self,
         mixture_size: int,
-        do_layer_norm: bool = False,
+        do_layer_norm: Optional[bool] = None,
         initial_scalar_parameters: Optional[Sequence[float]] = None,
         trainable: bool = True,
+        *,
+        layer_norm: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.mixture_size = _check_count(mixture_size, "mixture_size")
-        self.do_layer_norm = bool(do_layer_norm)
+        self.layer_norm = _check_scalar_mix_norm(do_layer_norm, layer_norm)
         if initial_scalar_parameters is None:
             initial = torch.zeros(self.mixture_size)
         else:
@@ -416,12 +430,17 @@ class ScalarMix(nn.Module):
         self.gamma = nn.Parameter(torch.ones(1), requires_grad=trainable)
         self.register_load_state_dict_pre_hook(ScalarMix._check_checkpoint)
 
+    @property
+    def do_layer_norm(self) -> bool:
+        """AllenNLP's flag: whether the layer norm is AllenNLP's whole-tensor one."""
+        return self.layer_norm == "tensor"
+
     def extra_repr(self) -> str:
-        return f"mixture_size={self.mixture_size}, do_layer_norm={self.do_layer_norm}"
+        return f"mixture_size={self.mixture_size}, layer_norm={self.layer_norm!r}"
 
     @property
     def weight(self) -> Tensor:
-        """The mixing weights :math:`s = \mathrm{softmax}(z)`, shape ``(K,)``."""
+        r"""The mixing weights :math:`s = \mathrm{softmax}(z)`, shape ``(K,)``."""
         return torch.softmax(torch.cat(list(self.scalar_parameters)), 0)
 
     def forward(self, tensors, mask: Optional[Tensor] = None) -> Tensor:
@@ -434,10 +453,12 @@ class ScalarMix(nn.Module):
         # gamma * s in the dtype of AllenNLP's products: float64 for float64 tensors.
         cdtype = torch.promote_types(self.gamma.dtype, dtype)
         coefficients = self.gamma.to(cdtype) * self.weight.to(cdtype)
-        if not self.do_layer_norm:
+        if self.layer_norm is None:
             return ops.weighted_sum(coefficients, tensors)
+        if self.layer_norm == "token":
+            return ops.weighted_sum(coefficients, [F.layer_norm(t, t.shape[-1:]) for t in tensors])
         if mask is None:
-            raise ValueError("mask is required when do_layer_norm=True")
+            raise ValueError('mask is required when layer_norm="tensor" (do_layer_norm=True)')
         if not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a Tensor, got {type(mask).__name__}")
         if tensors[0].dim() < 1 or mask.shape != tensors[0].shape[:-1]:
@@ -478,3 +499,164 @@ def _masked_standardize(t: Tensor, m: Tensor, count: Tensor, eps: float) -> Tens
     mean = tm.sum() / count
     var = ((tm - mean) * m).pow(2).sum() / count
     return (t - mean) / torch.sqrt(var + eps)
+
+
+def _check_scalar_mix_norm(do_layer_norm, layer_norm) -> Optional[str]:
+    """ScalarMix's normalisation from AllenNLP's ``do_layer_norm`` and ``layer_norm``."""
+    if layer_norm not in (None, "tensor", "token"):
+        raise ValueError(f'layer_norm must be "tensor", "token" or None, got {layer_norm!r}')
+    if do_layer_norm is None:
+        return layer_norm
+    if not isinstance(do_layer_norm, (bool, int)):
+        raise TypeError(f"do_layer_norm must be a bool, got {type(do_layer_norm).__name__}")
+    implied = "tensor" if do_layer_norm else None
+    if layer_norm is not None and layer_norm != implied:
+        raise ValueError(
+            f"do_layer_norm={bool(do_layer_norm)} contradicts layer_norm={layer_norm!r}: do_layer_norm=True "
+            'means layer_norm="tensor"; give only layer_norm'
+        )
+    return implied
+
+
+class WeightedLayerSum(nn.Module):
+    r"""The softmax-weighted sum of L layer outputs of HF transformers'
+    ``use_weighted_layer_sum``, s3prl's ``Featurizer`` and speechbrain's
+    ``WeightedSSLModel``.
+
+    .. math::
+        y = \sum_{l=1}^{L} w_l\, \tilde h_l, \qquad w = \mathrm{softmax}(z), \qquad
+        \tilde h_l = \begin{cases}
+            \mathrm{layer\_norm}(h_l) \text{ over the last dimension} & \text{with } \texttt{layer\_norm="token"} \\
+            h_l & \text{otherwise}
+        \end{cases}
+
+    No ``gamma``, no mask. The pre-softmax :math:`z` are the parameter
+    ``layer_weights``, shape ``(L,)``, as all three keep them (HF names it
+    ``layer_weights``, s3prl and speechbrain ``weights``); ``self.weight``
+    reads as :math:`w`.
+
+    **Formulas.** ``formula`` picks how the sum is computed. ``"fused"`` is
+    one :func:`simplex_param.softmax_weighted_sum` pass: no stacking, no
+    temporaries; it equals the others up to floating-point rounding (the
+    order of the additions and fused multiply-adds differ). ``"hf"``,
+    ``"s3prl"`` and ``"speechbrain"`` run the source's own PyTorch
+    operations in its order, so outputs and gradients equal the source's bit
+    for bit, at the source's cost:
+
+    - ``"hf"``: ``(torch.stack(h, dim=1) * softmax(z).view(-1, 1, ..., 1)).sum(dim=1)``;
+    - ``"s3prl"``: ``stacked = torch.stack(h, dim=0)``, then the token
+      layer norm of ``stacked``, then
+      ``(softmax(z).unsqueeze(-1) * stacked.view(L, -1)).sum(dim=0)``;
+    - ``"speechbrain"``: the token layer norm of each layer, then
+      ``y = h[0] * w[0]`` and ``y += h[l] * w[l]`` for each further layer.
+
+    The constructors :meth:`hf`, :meth:`s3prl` and :meth:`speechbrain` also
+    start the pre-weights where the source does (HF: ``ones(L) / L``; the
+    others: zeros, as the plain constructor).
+
+    Args:
+        num_layers (int): L, the number of layer outputs.
+        layer_norm (str, optional): ``"token"`` or ``None``. Default: ``None``.
+        formula (str, optional): ``"fused"``, ``"hf"``, ``"s3prl"`` or
+            ``"speechbrain"``. HF's formula has no layer norm. Default:
+            ``"fused"``.
+        device, dtype: of ``layer_weights``.
+
+    Shape:
+        - layers: a list or tuple of L tensors of one shape :math:`(*, D)`
+          (HF's ``outputs.hidden_states``), or one tensor :math:`(L, *, D)`.
+        - output: :math:`(*, D)`.
+
+    Example::
+
+        >>> mix = sp.WeightedLayerSum.hf(4)
+        >>> mix.layer_weights
+        Parameter containing:
+        tensor([0.2500, 0.2500, 0.2500, 0.2500], requires_grad=True)
+        >>> layers = [torch.full((1, 2), float(k)) for k in range(4)]
+        >>> mix(layers)
+        tensor([[1.5000, 1.5000]], grad_fn=<SumBackward1>)
+        >>> sp.WeightedLayerSum.s3prl(4, normalize=True)
+        WeightedLayerSum(num_layers=4, layer_norm='token', formula='s3prl')
+    """
+
+    FORMULAS = ("fused", "hf", "s3prl", "speechbrain")
+
+    def __init__(
+        self,
+        num_layers: int,
+        *,
+        layer_norm: Optional[str] = None,
+        formula: str = "fused",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.num_layers = _check_count(num_layers, "num_layers")
+        if layer_norm not in (None, "token"):
+            hint = ' (AllenNLP\'s masked whole-tensor norm is sp.ScalarMix(..., layer_norm="tensor"))'
+            raise ValueError(f'layer_norm must be "token" or None, got {layer_norm!r}' + hint * (layer_norm == "tensor"))
+        if formula not in self.FORMULAS:
+            raise ValueError(f"formula must be one of {list(self.FORMULAS)}, got {formula!r}")
+        if formula == "hf" and layer_norm is not None:
+            raise ValueError('formula="hf" takes no layer_norm: HF\'s use_weighted_layer_sum normalises nothing')
+        self.layer_norm = layer_norm
+        self.formula = formula
+        self.layer_weights = nn.Parameter(torch.zeros(self.num_layers, device=device, dtype=dtype))
+
+    @classmethod
+    def hf(cls, num_layers: int, *, device=None, dtype=None) -> "WeightedLayerSum":
+        """HF transformers' ``use_weighted_layer_sum``: pre-weights
+        ``ones(L) / L``, HF's formula."""
+        mix = cls(num_layers, formula="hf", device=device, dtype=dtype)
+        with torch.no_grad():
+            mix.layer_weights.copy_(torch.ones_like(mix.layer_weights) / mix.num_layers)
+        return mix
+
+    @classmethod
+    def s3prl(cls, num_layers: int, *, normalize: bool = False, device=None, dtype=None) -> "WeightedLayerSum":
+        """s3prl's ``Featurizer``: pre-weights zeros, the token layer norm
+        with ``normalize=True``, s3prl's formula."""
+        return cls(num_layers, layer_norm="token" if normalize else None, formula="s3prl", device=device, dtype=dtype)
+
+    @classmethod
+    def speechbrain(cls, num_layers: int, *, layernorm: bool = False, device=None, dtype=None) -> "WeightedLayerSum":
+        """speechbrain's ``WeightedSSLModel``: pre-weights zeros, the token
+        layer norm with ``layernorm=True``, speechbrain's formula."""
+        return cls(
+            num_layers, layer_norm="token" if layernorm else None, formula="speechbrain", device=device, dtype=dtype
+        )
+
+    @property
+    def weight(self) -> Tensor:
+        r"""The mixing weights :math:`w = \mathrm{softmax}(z)`, shape ``(L,)``."""
+        return F.softmax(self.layer_weights, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}, layer_norm={self.layer_norm!r}, formula={self.formula!r}"
+
+    def forward(self, layers) -> Tensor:
+        layers = ops._as_list(layers)
+        if len(layers) != self.num_layers:
+            raise ValueError(f"layers has {len(layers)} tensors but num_layers is {self.num_layers}")
+        z, norm = self.layer_weights, self.layer_norm is not None
+        if self.formula == "hf":
+            stacked = torch.stack(layers, dim=1)
+            w = F.softmax(z, dim=-1)
+            return (stacked * w.view(-1, *[1] * (layers[0].dim() - 1))).sum(dim=1)
+        if self.formula == "s3prl":
+            stacked = torch.stack(layers, dim=0)
+            if norm:
+                stacked = F.layer_norm(stacked, (stacked.shape[-1],))
+            _, *shape = stacked.shape
+            w = F.softmax(z, dim=-1)
+            return (w.unsqueeze(-1) * stacked.reshape(self.num_layers, -1)).sum(dim=0).view(*shape)
+        if norm:
+            layers = [F.layer_norm(h, (h.shape[-1],)) for h in layers]
+        if self.formula == "speechbrain":
+            w = F.softmax(z, dim=-1)
+            out = layers[0] * w[0]
+            for k in range(1, self.num_layers):
+                out += layers[k] * w[k]
+            return out
+        return ops.softmax_weighted_sum(z, layers)

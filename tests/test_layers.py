@@ -483,7 +483,7 @@ def test_scalar_mix_bad_arguments():
         mix_(xs[:2], torch.ones(2, 5))
     with pytest.raises(ValueError, match="tensors has 4 tensors"):
         sp.ScalarMix(3)(xs + xs[:1])
-    with pytest.raises(ValueError, match="mask is required when do_layer_norm=True"):
+    with pytest.raises(ValueError, match=r"mask is required when layer_norm=\"tensor\" \(do_layer_norm=True\)"):
         mix_(xs)
     with pytest.raises(ValueError, match=r"mask has shape \[2, 5, 4\] but tensors of shape \[2, 5, 4\] need"):
         mix_(xs, torch.ones(2, 5, 4))
