@@ -56,7 +56,12 @@ setup(
     packages=find_packages(include=["simplex_param", "simplex_param.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"], "demo": ["tqdm"]},
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "plot": ["matplotlib"],
+        "demo": ["tqdm"],
+        "tensorboard": ["tensorboard"],
+    },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

@@ -16,9 +16,14 @@ weights and see the same batches, in alternating order, so their per-step times
 are comparable; the medians are reported. The demo prints the true weights
 beside the learned ones (it exits with status 1 if any is off by 0.02 or more),
 the final loss against the noise floor :math:`\sigma^2`, the loss with a
-branch missing at inference, and the time per training step of both models.
+branch missing at inference, the time per training step of both models, and
+the summary of the learned weights (:func:`simplex_param.summary`). With
+``--plot PATH`` a :class:`simplex_param.WeightLogger` follows the fused
+model's weights, and the demo draws their trajectories, with the true weights
+dashed, into ``PATH``.
 """
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -29,6 +34,7 @@ from torch import nn
 from ._ext import extension_loaded
 from .diagnostics import summary
 from .layers import SimplexFusion
+from .weightlog import WeightLogger
 
 __all__ = ["add_arguments", "run", "main"]
 
@@ -77,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--features", type=_positive_int(1), default=4096, help="columns per branch tensor (default: 4096)"
     )
     parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate, cosine-decayed (default: 0.05)")
+    parser.add_argument(
+        "--plot", metavar="PATH", default=None,
+        help="draw the weights converging to the true mixture into PATH (a .png; needs matplotlib)",
+    )
 
 
 def _progress(steps: int):
@@ -135,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     if not (args.lr > 0):
         print(f"demo: error: --lr must be positive, got {args.lr}", file=sys.stderr)
         return 2
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        print("demo: error: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+        return 2
 
     K = args.inputs
     w_true, batches = _make_data(args, device)
@@ -156,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     }
     times = {name: [] for name in models}
     losses = {name: float("nan") for name in models}
+    watched = nn.ModuleDict({"fused": models["fused"]})  # names the weights "fused.weight"
+    logger = WeightLogger(watched, every=max(1, args.steps // 100)) if args.plot is not None else None
 
     def step(name, xs, y):
         model, optimizer = models[name], optimizers[name]
@@ -176,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         xs, y = batches[i % POOL]
         # Alternate which model goes first, so that neither always runs on a warm cache.
         step_losses = {name: step(name, xs, y) for name in (order if i % 2 == 0 else order[::-1])}
+        if logger is not None:
+            logger.step()
         if i % 10 == 0 or i == args.steps - 1:
             losses = {name: loss.item() for name, loss in step_losses.items()}
             bar.set_postfix(loss=f"{losses['fused']:.4f}")
@@ -217,9 +234,13 @@ def run(args: argparse.Namespace) -> int:
     ratio = med["hand-written"] / med["fused"]
     verdict = "faster" if ratio > 1 else "slower"
     print(f"  SimplexFusion is {ratio:.2f}x the speed of the hand-written recipe ({verdict})")
+    if logger is not None:
+        logger.plot(args.plot, true={"fused.weight": w_true})
+        print()
+        print(f"wrote {args.plot}: the weights at {len(logger.history)} steps (sp.WeightLogger), the true ones dashed")
     print()
     print("the learned weights (sp.summary):")
-    print(summary(nn.ModuleDict({"fused": models["fused"]})))
+    print(summary(watched))
     return 0 if ok else 1
 
 

@@ -595,7 +595,8 @@ class WeightedLayerSum(nn.Module):
         self.num_layers = _check_count(num_layers, "num_layers")
         if layer_norm not in (None, "token"):
             hint = ' (AllenNLP\'s masked whole-tensor norm is sp.ScalarMix(..., layer_norm="tensor"))'
-            raise ValueError(f'layer_norm must be "token" or None, got {layer_norm!r}' + hint * (layer_norm == "tensor"))
+            hint = hint if layer_norm == "tensor" else ""
+            raise ValueError(f'layer_norm must be "token" or None, got {layer_norm!r}{hint}')
         if formula not in self.FORMULAS:
             raise ValueError(f"formula must be one of {list(self.FORMULAS)}, got {formula!r}")
         if formula == "hf" and layer_norm is not None:

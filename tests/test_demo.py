@@ -65,10 +65,10 @@ def test_demo_command_line():
     help_text = argparse.ArgumentParser()
     demo.add_arguments(help_text)
     text = help_text.format_help()
-    for option in ("--steps", "--inputs", "--seed", "--device", "--batch", "--features", "--lr"):
+    for option in ("--steps", "--inputs", "--seed", "--device", "--batch", "--features", "--lr", "--plot"):
         assert option in text
     args = parse([])
-    assert (args.steps, args.inputs, args.seed, args.device) == (200, 4, 0, "cpu")
+    assert (args.steps, args.inputs, args.seed, args.device, args.plot) == (200, 4, 0, "cpu", None)
     for bad in (["--inputs", "1"], ["--steps", "0"], ["--steps", "x"]):
         with pytest.raises(SystemExit) as exc:
             parse(bad)
@@ -93,8 +93,35 @@ def test_python_m_simplex_param_demo():
     check_report(proc.stdout, K=5)
 
 
+def assert_ends_with_the_summary(out, K):
+    lines = out.rstrip("\n").splitlines()
+    assert lines[-3] == "the learned weights (sp.summary):"
+    assert lines[-2].startswith("name") and "eff. K" in lines[-2]
+    row = rf"fused\.weight\s+SimplexFusion\s+softmax\s+1\s+{K}\s+[0-9.]+\s+[0-9.]+\s+{K}\.00\s+\d:"
+    assert re.match(row, lines[-1])
+
+
 def test_demo_ends_with_the_weights_summary(capsys):
     assert demo.main(SMALL + ["--inputs", "3"]) == 0
     out = capsys.readouterr().out
-    tail = out[out.index("the learned weights (sp.summary):"):]
-    assert re.search(r"^fused\.weight\s+SimplexFusion\s+softmax\s+1\s+3\s+[0-9.]+\s+[0-9.]+\s+3\.00\s+\d:", tail, re.M)
+    assert_ends_with_the_summary(out, K=3)
+    assert "wrote" not in out and "WeightLogger" not in out  # no --plot: no logger, no picture
+
+
+def test_demo_plot_draws_the_weights_converging(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "weights.png"
+    assert demo.main(SMALL + ["--inputs", "3", "--plot", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # 120 steps, a record every 120 // 100 = 1 step, and step 0.
+    assert f"wrote {path}: the weights at 121 steps (sp.WeightLogger), the true ones dashed" in out
+    check_report(out, K=3)
+    assert_ends_with_the_summary(out, K=3)
+
+
+def test_demo_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # find_spec now finds nothing
+    assert demo.main(SMALL + ["--plot", str(tmp_path / "w.png")]) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "w.png").exists()
