@@ -33,6 +33,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_op(
   return op.call(grad, weights, inputs, need_w, need_x, skip_zero_weights);
 }
 
+std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward_op(
+    at::TensorList grads, const at::Tensor& weights, at::TensorList inputs, bool need_w,
+    const c10::List<bool>& need_x) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::_grouped_weighted_sum_backward", "")
+      .typed<std::tuple<at::Tensor, std::vector<at::Tensor>>(
+          at::TensorList, const at::Tensor&, at::TensorList, bool, const c10::List<bool>&)>();
+  return op.call(grads, weights, inputs, need_w, need_x);
+}
+
 // For (K,) weights on the CPU, where reading them costs no synchronisation:
 // which are exactly 0. Empty otherwise, and for tensors without plain data
 // (fake tensors while torch.compile traces, functorch wrappers).
@@ -177,6 +187,55 @@ class SimplexWeightedSumFunction : public torch::autograd::Function<SimplexWeigh
   }
 };
 
+// G contractions in one node: out_g = sum_k w[g, k] * x_{g,k}.
+class GroupedWeightedSumFunction : public torch::autograd::Function<GroupedWeightedSumFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weights, at::TensorList inputs) {
+    std::vector<at::Tensor> saved{weights};
+    if (weights.requires_grad()) saved.insert(saved.end(), inputs.begin(), inputs.end());
+    ctx->save_for_backward(saved);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_grouped_weighted_sum(weights, inputs);
+  }
+
+  // Unused outputs get zero gradients (materialised by autograd).
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& weights = saved[0];
+    const int64_t G = weights.size(0), K = weights.size(1);
+    const bool need_w = ctx->needs_input_grad(0);
+    std::vector<bool> need_x(G * K);
+    for (int64_t i = 0; i < G * K; ++i) need_x[i] = ctx->needs_input_grad(1 + i);
+    variable_list out(1 + G * K);
+    if (at::GradMode::is_enabled()) {  // a graph of the backward: group by group
+      std::vector<at::Tensor> rows;
+      for (int64_t g = 0; g < G; ++g) {
+        const std::vector<at::Tensor> xs =
+            need_w ? std::vector<at::Tensor>(saved.begin() + 1 + g * K, saved.begin() + 1 + (g + 1) * K)
+                   : std::vector<at::Tensor>{};
+        const std::vector<bool> need_g(need_x.begin() + g * K, need_x.begin() + (g + 1) * K);
+        variable_list gg = differentiable_backward(grads[g], weights.select(0, g), xs, need_w, need_g);
+        if (need_w) rows.push_back(gg[0]);
+        for (int64_t k = 0; k < K; ++k) out[1 + g * K + k] = gg[1 + k];
+      }
+      if (need_w) out[0] = G == 0 ? at::zeros_like(weights) : at::stack(rows);
+      return out;
+    }
+    c10::List<bool> need_x_list;
+    need_x_list.reserve(G * K);
+    for (bool b : need_x) need_x_list.push_back(b);
+    const std::vector<at::Tensor> xs =
+        need_w ? std::vector<at::Tensor>(saved.begin() + 1, saved.end()) : std::vector<at::Tensor>{};
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_w, grad_x] = grouped_weighted_sum_backward_op(grads, weights, xs, need_w, need_x_list);
+    if (need_w) out[0] = grad_w;
+    for (int64_t i = 0; i < G * K; ++i) {
+      if (need_x[i]) out[1 + i] = grad_x[i];
+    }
+    return out;
+  }
+};
+
 at::Tensor weighted_sum_autograd(const at::Tensor& weights, at::TensorList inputs) {
   return WeightedSumFunction::apply(weights, inputs);
 }
@@ -186,10 +245,15 @@ at::Tensor simplex_weighted_sum_autograd(
   return SimplexWeightedSumFunction::apply(logits, inputs, map, temperature);
 }
 
+std::vector<at::Tensor> grouped_weighted_sum_autograd(const at::Tensor& weights, at::TensorList inputs) {
+  return GroupedWeightedSumFunction::apply(weights, inputs);
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(simplex_param, Autograd, m) {
   m.impl("weighted_sum", &weighted_sum_autograd);
+  m.impl("grouped_weighted_sum", &grouped_weighted_sum_autograd);
   m.impl("simplex_weighted_sum", &simplex_weighted_sum_autograd);
 }
 

@@ -137,34 +137,69 @@ void check_weights(const at::Tensor& weights, const char* name) {
 
 } // namespace
 
+void check_inputs(at::TensorList inputs, const std::string& inputs_name) {
+  if (inputs.empty()) fail(Error::no_inputs, {});
+  const at::Tensor& x0 = inputs[0];
+  if (!kernel_dtype(x0.scalar_type())) fail(Error::input_dtype, {{"inputs", inputs_name}, {"dtype", py(x0.scalar_type())}});
+  for (size_t k = 1; k < inputs.size(); ++k) {
+    const at::Tensor& x = inputs[k];
+    if (x.scalar_type() != x0.scalar_type()) {
+      fail(Error::input_dtype_mismatch,
+           {{"inputs", inputs_name}, {"k", std::to_string(k)}, {"dtype", py(x.scalar_type())},
+            {"dtype0", py(x0.scalar_type())}});
+    }
+    if (!x.sizes().equals(x0.sizes())) {
+      fail(Error::input_shape_mismatch,
+           {{"inputs", inputs_name}, {"k", std::to_string(k)}, {"shape", py(x.sizes())}, {"shape0", py(x0.sizes())}});
+    }
+    if (x.device() != x0.device()) {
+      fail(Error::input_device_mismatch,
+           {{"inputs", inputs_name}, {"k", std::to_string(k)}, {"device", py(x.device())},
+            {"device0", py(x0.device())}});
+    }
+  }
+}
+
 void check_args(const at::Tensor& weights, at::TensorList inputs, const char* name) {
   const auto K = static_cast<int64_t>(inputs.size());
   if (K < 1) fail(Error::no_inputs, {});
   check_weights(weights, name);
   if (weights.size(-1) != K) {
-    fail(Error::weights_k, {{"name", name}, {"n", std::to_string(weights.size(-1))}, {"K", std::to_string(K)}});
+    fail(Error::weights_k,
+         {{"name", name}, {"n", std::to_string(weights.size(-1))}, {"inputs", "inputs"}, {"K", std::to_string(K)}});
   }
+  check_inputs(inputs, "inputs");
   const at::Tensor& x0 = inputs[0];
-  if (!kernel_dtype(x0.scalar_type())) fail(Error::input_dtype, {{"dtype", py(x0.scalar_type())}});
-  for (int64_t k = 1; k < K; ++k) {
-    const at::Tensor& x = inputs[k];
-    if (x.scalar_type() != x0.scalar_type()) {
-      fail(Error::input_dtype_mismatch,
-           {{"k", std::to_string(k)}, {"dtype", py(x.scalar_type())}, {"dtype0", py(x0.scalar_type())}});
-    }
-    if (!x.sizes().equals(x0.sizes())) {
-      fail(Error::input_shape_mismatch,
-           {{"k", std::to_string(k)}, {"shape", py(x.sizes())}, {"shape0", py(x0.sizes())}});
-    }
-    if (x.device() != x0.device()) {
-      fail(Error::input_device_mismatch,
-           {{"k", std::to_string(k)}, {"device", py(x.device())}, {"device0", py(x0.device())}});
-    }
-  }
   check_prefix(weights, name, x0.sizes(), "inputs[0]");
   if (weights.device() != x0.device()) {
     fail(Error::weights_device,
          {{"name", name}, {"device", py(weights.device())}, {"other", "inputs[0]"}, {"other_device", py(x0.device())}});
+  }
+}
+
+void check_grouped_weights(const at::Tensor& weights, const char* name) {
+  if (weights.dim() != 2) fail(Error::grouped_weights, {{"name", name}, {"shape", py(weights.sizes())}});
+  check_weights(weights, name);
+}
+
+void check_grouped_args(const at::Tensor& weights, at::TensorList inputs, const char* name) {
+  check_grouped_weights(weights, name);
+  const int64_t G = weights.size(0), K = weights.size(1);
+  if (static_cast<int64_t>(inputs.size()) != G * K) {
+    fail(Error::grouped_count,
+         {{"n", std::to_string(inputs.size())}, {"name", name}, {"shape", py(weights.sizes())},
+          {"GK", std::to_string(G * K)}});
+  }
+  if (G > 0 && K == 0) fail(Error::no_inputs, {});
+  for (int64_t g = 0; g < G; ++g) {
+    const std::string group = "groups[" + std::to_string(g) + "]";
+    const at::TensorList xs = inputs.slice(g * K, K);
+    check_inputs(xs, group);
+    if (weights.device() != xs[0].device()) {
+      fail(Error::weights_device,
+           {{"name", name}, {"device", py(weights.device())}, {"other", group + "[0]"},
+            {"other_device", py(xs[0].device())}});
+    }
   }
 }
 
@@ -173,6 +208,24 @@ void check_temperature(double temperature) {
     fail(Error::temperature, {{"value", py_float(temperature)}});
   }
 }
+
+namespace {
+
+void check_grad(const at::Tensor& grad, at::TensorList inputs, const std::string& grad_name,
+                const std::string& inputs_name) {
+  const at::Tensor& x0 = inputs[0];
+  if (!grad.sizes().equals(x0.sizes())) {
+    fail(Error::grad_shape_mismatch,
+         {{"grad", grad_name}, {"shape", py(grad.sizes())}, {"inputs", inputs_name}, {"shape0", py(x0.sizes())}});
+  }
+  if (grad.scalar_type() != x0.scalar_type()) {
+    fail(Error::grad_dtype_mismatch,
+         {{"grad", grad_name}, {"dtype", py(grad.scalar_type())}, {"inputs", inputs_name},
+          {"dtype0", py(x0.scalar_type())}});
+  }
+}
+
+} // namespace
 
 void check_backward_args(
     const at::Tensor& grad,
@@ -186,7 +239,7 @@ void check_backward_args(
     fail(Error::requires_grad_count,
          {{"n", std::to_string(inputs_requires_grad.size())}, {"K", std::to_string(K)}});
   }
-  if (!kernel_dtype(grad.scalar_type())) fail(Error::grad_dtype, {{"dtype", py(grad.scalar_type())}});
+  if (!kernel_dtype(grad.scalar_type())) fail(Error::grad_dtype, {{"grad", "grad"}, {"dtype", py(grad.scalar_type())}});
   check_prefix(weights, "weights", grad.sizes(), "grad");
   if (weights.device() != grad.device()) {
     fail(Error::weights_device,
@@ -194,12 +247,42 @@ void check_backward_args(
   }
   if (weights_requires_grad) {
     check_args(weights, inputs, "weights");
-    const at::Tensor& x0 = inputs[0];
-    if (!grad.sizes().equals(x0.sizes())) {
-      fail(Error::grad_shape_mismatch, {{"shape", py(grad.sizes())}, {"shape0", py(x0.sizes())}});
+    check_grad(grad, inputs, "grad", "inputs");
+  }
+}
+
+void check_grouped_backward_args(
+    at::TensorList grads,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad) {
+  check_grouped_weights(weights, "weights");
+  const int64_t G = weights.size(0), K = weights.size(1);
+  if (static_cast<int64_t>(grads.size()) != G) {
+    fail(Error::grouped_grads, {{"n", std::to_string(grads.size())}, {"G", std::to_string(G)}});
+  }
+  if (static_cast<int64_t>(inputs_requires_grad.size()) != G * K) {
+    fail(Error::grouped_requires_grad_count,
+         {{"n", std::to_string(inputs_requires_grad.size())}, {"shape", py(weights.sizes())},
+          {"GK", std::to_string(G * K)}});
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const std::string name = "grads[" + std::to_string(g) + "]";
+    if (!kernel_dtype(grads[g].scalar_type())) {
+      fail(Error::grad_dtype, {{"grad", name}, {"dtype", py(grads[g].scalar_type())}});
     }
-    if (grad.scalar_type() != x0.scalar_type()) {
-      fail(Error::grad_dtype_mismatch, {{"dtype", py(grad.scalar_type())}, {"dtype0", py(x0.scalar_type())}});
+    if (weights.device() != grads[g].device()) {
+      fail(Error::weights_device,
+           {{"name", "weights"}, {"device", py(weights.device())}, {"other", name},
+            {"other_device", py(grads[g].device())}});
+    }
+  }
+  if (weights_requires_grad) {
+    check_grouped_args(weights, inputs, "weights");
+    for (int64_t g = 0; g < G; ++g) {
+      check_grad(grads[g], inputs.slice(g * K, K), "grads[" + std::to_string(g) + "]",
+                 "groups[" + std::to_string(g) + "]");
     }
   }
 }

@@ -6,17 +6,35 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <string>
+
 namespace simplex_param {
 
 // `weights` (called `name` in messages): (K,) or (*P, K) against K inputs of
 // one shape, dtype and device.
 void check_args(const at::Tensor& weights, at::TensorList inputs, const char* name);
 
+// K >= 1 inputs of one kernel dtype, shape and device, called
+// `inputs_name`[k] in messages.
+void check_inputs(at::TensorList inputs, const std::string& inputs_name);
+
+// A grouped op's `weights` (G, K) against its G * K flat inputs, where
+// inputs[g * K + k] is groups[g][k] (so named in messages).
+void check_grouped_args(const at::Tensor& weights, at::TensorList inputs, const char* name);
+
 void check_temperature(double temperature);
 
 // The arguments of _weighted_sum_backward.
 void check_backward_args(
     const at::Tensor& grad,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad);
+
+// The arguments of _grouped_weighted_sum_backward.
+void check_grouped_backward_args(
+    at::TensorList grads,
     const at::Tensor& weights,
     at::TensorList inputs,
     bool weights_requires_grad,

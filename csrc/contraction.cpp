@@ -15,6 +15,26 @@ int64_t num_rows(const at::Tensor& weights) {
   return rows;
 }
 
+// The (G, K) weights of a grouped op in the accumulation dtypes its groups
+// need (float32, float64), each contiguous: row g for group g.
+struct WeightRows {
+  at::Tensor f, d;
+
+  WeightRows(const at::Tensor& weights, const std::vector<at::ScalarType>& dtypes) {
+    for (at::ScalarType t : dtypes) {
+      at::Tensor& w = acc_type(t) == at::kDouble ? d : f;
+      if (!w.defined()) w = weights.to(acc_type(t)).contiguous();
+    }
+  }
+  // For a float32 or float64 buffer of G x K values.
+  static void* row(const at::Tensor& t, int64_t g) {
+    return static_cast<char*>(t.data_ptr()) + g * t.size(1) * t.element_size();
+  }
+  const void* operator()(at::ScalarType dtype, int64_t g) const {
+    return row(acc_type(dtype) == at::kDouble ? d : f, g);
+  }
+};
+
 } // namespace
 
 at::Tensor call_weighted_sum(const at::Tensor& weights, at::TensorList inputs) {
@@ -102,6 +122,119 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
   at::Tensor grad_weights = weights_requires_grad
       ? grad_w.view(weights.sizes()).to(weights.scalar_type())
       : at::empty({0}, weights.options());
+  return {grad_weights, grad_inputs};
+}
+
+std::vector<at::Tensor> call_grouped_weighted_sum(const at::Tensor& weights, at::TensorList inputs) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::grouped_weighted_sum", "")
+      .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList)>();
+  return op.call(weights, inputs);
+}
+
+std::vector<at::Tensor> grouped_weighted_sum_forward(
+    const at::Tensor& weights, at::TensorList inputs, BatchKernel kernel) {
+  check_grouped_args(weights, inputs, "weights");
+  const int64_t G = weights.size(0), K = weights.size(1);
+  std::vector<at::ScalarType> dtypes;
+  for (int64_t g = 0; g < G; ++g) dtypes.push_back(inputs[g * K].scalar_type());
+  const WeightRows w(weights, dtypes);
+
+  std::vector<at::Tensor> outs, copies;  // copies: inputs laid out unlike their group
+  std::vector<Contraction> cs;
+  for (int64_t g = 0; g < G; ++g) {
+    const at::TensorList group = inputs.slice(g * K, K);
+    const std::vector<int64_t> strides = walk_strides(group, 0);
+    outs.push_back(at::empty_strided(group[0].sizes(), strides, group[0].options()));
+    const int64_t n = outs.back().numel();
+    if (n == 0) continue;
+    Contraction c;
+    c.K = K;
+    c.row_len = n;
+    c.dtype = dtypes[g];
+    c.device = group[0].device();
+    c.w = w(c.dtype, g);
+    for (const at::Tensor& x : group) {
+      copies.push_back(in_layout(x, strides));
+      c.x.push_back(copies.back().const_data_ptr());
+    }
+    c.out = outs.back().mutable_data_ptr();
+    cs.push_back(std::move(c));
+  }
+  if (!cs.empty()) kernel(cs);
+  return outs;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward(
+    at::TensorList grads,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad,
+    BatchKernel kernel) {
+  check_grouped_backward_args(grads, weights, inputs, weights_requires_grad, inputs_requires_grad);
+  const int64_t G = weights.size(0), K = weights.size(1);
+  std::vector<at::ScalarType> dtypes;
+  for (const at::Tensor& grad : grads) dtypes.push_back(grad.scalar_type());
+  const WeightRows w(weights, dtypes);
+  // The weights' gradient, per group in its accumulation dtype; zero for
+  // empty groups.
+  at::Tensor grad_wf, grad_wd;
+  if (weights_requires_grad) {
+    for (at::ScalarType t : dtypes) {
+      at::Tensor& gw = acc_type(t) == at::kDouble ? grad_wd : grad_wf;
+      if (!gw.defined()) gw = at::zeros({G, K}, weights.options().dtype(acc_type(t)));
+    }
+  }
+
+  std::vector<at::Tensor> grad_inputs, keep;
+  std::vector<Contraction> cs;
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<at::Tensor> operands{grads[g]};
+    if (weights_requires_grad) {
+      const at::TensorList group = inputs.slice(g * K, K);
+      operands.insert(operands.end(), group.begin(), group.end());
+    }
+    const std::vector<int64_t> strides = walk_strides(operands, 0);
+    for (at::Tensor& t : operands) t = in_layout(t, strides);
+    const at::Tensor& grad = operands[0];
+    Contraction c;
+    c.K = K;
+    c.row_len = grad.numel();
+    c.dtype = dtypes[g];
+    c.device = grad.device();
+    c.w = w(c.dtype, g);
+    c.grad = grad.const_data_ptr();
+    bool any = weights_requires_grad;
+    for (int64_t k = 0; k < K; ++k) {
+      const bool need = inputs_requires_grad[g * K + k];
+      grad_inputs.push_back(
+          need ? at::empty_strided(grad.sizes(), strides, grad.options()) : at::empty({0}, grad.options()));
+      c.grad_x.push_back(need ? grad_inputs.back().mutable_data_ptr() : nullptr);
+      any = any || need;
+    }
+    if (weights_requires_grad) {
+      c.grad_w = WeightRows::row(acc_type(c.dtype) == at::kDouble ? grad_wd : grad_wf, g);
+      for (size_t i = 1; i < operands.size(); ++i) c.x.push_back(operands[i].const_data_ptr());
+    }
+    if (c.row_len == 0 || !any) continue;
+    keep.insert(keep.end(), operands.begin(), operands.end());
+    cs.push_back(std::move(c));
+  }
+  if (!cs.empty()) kernel(cs);
+
+  at::Tensor grad_weights = at::empty({0}, weights.options());
+  if (weights_requires_grad) {
+    if (grad_wf.defined() && grad_wd.defined()) {  // groups of float64 and of other dtypes
+      at::Tensor is_double = at::empty({G, 1}, at::kBool);
+      for (int64_t g = 0; g < G; ++g) is_double.data_ptr<bool>()[g] = acc_type(dtypes[g]) == at::kDouble;
+      grad_weights = at::where(is_double.to(weights.device()), grad_wd, grad_wf.to(at::kDouble));
+    } else {
+      grad_weights = grad_wf.defined() ? grad_wf : grad_wd;
+    }
+    if (!grad_weights.defined()) grad_weights = at::zeros({G, K}, weights.options());  // G == 0
+    grad_weights = grad_weights.to(weights.scalar_type());
+  }
   return {grad_weights, grad_inputs};
 }
 

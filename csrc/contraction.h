@@ -36,6 +36,9 @@ struct Contraction {
 };
 
 using ContractionKernel = void (*)(const Contraction&);
+// Several contractions (the groups of a grouped op), in one pass where the
+// backend can.
+using BatchKernel = void (*)(c10::ArrayRef<Contraction>);
 
 // weighted_sum through the dispatcher (autograd and every backend).
 at::Tensor call_weighted_sum(const at::Tensor& weights, at::TensorList inputs);
@@ -55,5 +58,22 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
     const c10::List<bool>& inputs_requires_grad,
     bool skip_zero_weights,
     ContractionKernel kernel);
+
+// The grouped ops: G contractions of K inputs each, inputs[g * K + k] being
+// input k of group g, with (G, K) weights, one row per group. Groups may
+// differ in shape and dtype. One call of `kernel` for every non-empty group.
+std::vector<at::Tensor> grouped_weighted_sum_forward(
+    const at::Tensor& weights, at::TensorList inputs, BatchKernel kernel);
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward(
+    at::TensorList grads,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad,
+    BatchKernel kernel);
+
+// grouped_weighted_sum through the dispatcher.
+std::vector<at::Tensor> call_grouped_weighted_sum(const at::Tensor& weights, at::TensorList inputs);
 
 } // namespace simplex_param

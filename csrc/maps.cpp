@@ -118,6 +118,20 @@ at::Tensor softmax_weighted_sum(const at::Tensor& logits, at::TensorList inputs,
   return call_simplex_weighted_sum(logits, inputs, "softmax", temperature);
 }
 
+// The map of the (G, K) logits, then the grouped contraction. The map is
+// taken in float64 when a group is float64, else in float32.
+std::vector<at::Tensor> grouped_simplex_weighted_sum(
+    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
+  check_grouped_args(logits, inputs, "logits");
+  const SimplexMap& m = find_map(map);
+  check_temperature(temperature);
+  at::ScalarType acc = at::kFloat;
+  for (const at::Tensor& x : inputs) {
+    if (x.scalar_type() == at::kDouble) acc = at::kDouble;
+  }
+  return call_grouped_weighted_sum(m.forward(logits.to(acc), temperature), inputs);
+}
+
 } // namespace
 
 const SimplexMap& find_map(c10::string_view name) {
@@ -156,6 +170,7 @@ TORCH_LIBRARY_IMPL(simplex_param, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(simplex_param, CompositeImplicitAutograd, m) {
   m.impl("softmax_weighted_sum", &softmax_weighted_sum);
+  m.impl("grouped_simplex_weighted_sum", &grouped_simplex_weighted_sum);
 }
 
 } // namespace simplex_param

@@ -1,4 +1,4 @@
-// The Python module simplex_param._C: importing it loads the ops, and its two
+// The Python module simplex_param._C: importing it loads the ops, and its
 // functions are direct entry points to them for simplex_param/ops.py.
 //
 // They call the ops through the dispatcher, exactly as torch.ops does, so
@@ -25,10 +25,15 @@ at::Tensor simplex_weighted_sum(
   return simplex_param::call_simplex_weighted_sum(logits, inputs, map, temperature);
 }
 
+std::vector<at::Tensor> grouped_weighted_sum(const at::Tensor& weights, const std::vector<at::Tensor>& inputs) {
+  return simplex_param::call_grouped_weighted_sum(weights, inputs);
+}
+
 } // namespace
 
 PYBIND11_MODULE(_C, m) {
   // The GIL is released while the op runs, as in a torch.ops call.
   m.def("weighted_sum", &weighted_sum, py::call_guard<py::gil_scoped_release>());
   m.def("simplex_weighted_sum", &simplex_weighted_sum, py::call_guard<py::gil_scoped_release>());
+  m.def("grouped_weighted_sum", &grouped_weighted_sum, py::call_guard<py::gil_scoped_release>());
 }

@@ -8,6 +8,9 @@
 //                           maps.cpp) composed with the contraction;
 //                           autograd in autograd.cpp
 //   softmax_weighted_sum    simplex_weighted_sum with the softmax map
+//   grouped_weighted_sum    G contractions in one call, group g with its own
+//                           weight row and its own shape and dtype
+//   grouped_simplex_weighted_sum  a map of (G, K) logits, then the above
 // Fake kernels for torch.compile are registered from Python
 // (simplex_param/ops.py); the module `simplex_param._C` is python_module.cpp.
 #include <torch/library.h>
@@ -30,4 +33,15 @@ TORCH_LIBRARY(simplex_param, m) {
       "simplex_weighted_sum(Tensor logits, Tensor[] inputs, str map=\"softmax\", "
       "float temperature=1.0) -> Tensor");
   m.def("softmax_weighted_sum(Tensor logits, Tensor[] inputs, float temperature=1.0) -> Tensor");
+  // weights (G, K); inputs flattened group by group, inputs[g * K + k] being
+  // input k of group g. One output per group.
+  m.def("grouped_weighted_sum(Tensor weights, Tensor[] inputs) -> Tensor[]");
+  // `inputs` may be empty when the weights need no gradient; one entry of
+  // `inputs_requires_grad` per input, and gradients not asked for are empty.
+  m.def(
+      "_grouped_weighted_sum_backward(Tensor[] grads, Tensor weights, Tensor[] inputs, "
+      "bool weights_requires_grad, bool[] inputs_requires_grad) -> (Tensor, Tensor[])");
+  m.def(
+      "grouped_simplex_weighted_sum(Tensor logits, Tensor[] inputs, str map=\"softmax\", "
+      "float temperature=1.0) -> Tensor[]");
 }

@@ -5,7 +5,14 @@ softmax-and-weighted-sum operator (C++/CUDA kernels registered with
 ``torch.library``, with a pure-PyTorch fallback), and fusion layers built on it.
 """
 from ._ext import extension_loaded
-from .ops import simplex_weighted_sum, softmax_weighted_sum, weighted_sum
+from .ops import (
+    grouped_simplex_weighted_sum,
+    grouped_softmax_weighted_sum,
+    grouped_weighted_sum,
+    simplex_weighted_sum,
+    softmax_weighted_sum,
+    weighted_sum,
+)
 from .parametrization import Simplex, combine, simplex
 from .layers import LazySimplexFusion, ScalarMix, SimplexFusion, WeightedLayerSum
 from .gumbel import gumbel_softmax
@@ -23,6 +30,9 @@ __all__ = [
     "simplex_weighted_sum",
     "softmax_weighted_sum",
     "weighted_sum",
+    "grouped_weighted_sum",
+    "grouped_simplex_weighted_sum",
+    "grouped_softmax_weighted_sum",
     "SimplexFusion",
     "LazySimplexFusion",
     "ScalarMix",

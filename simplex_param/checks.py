@@ -47,28 +47,61 @@ def _check_weights(weights: Tensor, name: str) -> None:
         raise error("weights_dtype", name=name, dtype=weights.dtype)
 
 
-def check_args(weights: Tensor, inputs: list, name: str) -> None:
-    """`weights` (``(K,)`` or ``(*P, K)``, called `name`) against K inputs of one shape, dtype and device."""
-    K = len(inputs)
-    if K < 1:
+def check_inputs(inputs: list, inputs_name: str = "inputs") -> None:
+    """At least one tensor, all of one kernel dtype, shape and device; named
+    ``inputs_name[k]`` in errors."""
+    if len(inputs) < 1:
         raise error("no_inputs")
-    _check_weights(weights, name)
-    if weights.shape[-1] != K:
-        raise error("weights_k", name=name, n=weights.shape[-1], K=K)
     x0 = inputs[0]
     if x0.dtype not in KERNEL_DTYPES:
-        raise error("input_dtype", dtype=x0.dtype)
-    for k in range(1, K):
+        raise error("input_dtype", inputs=inputs_name, dtype=x0.dtype)
+    for k in range(1, len(inputs)):
         x = inputs[k]
         if x.dtype != x0.dtype:
-            raise error("input_dtype_mismatch", k=k, dtype=x.dtype, dtype0=x0.dtype)
+            raise error("input_dtype_mismatch", inputs=inputs_name, k=k, dtype=x.dtype, dtype0=x0.dtype)
         if x.shape != x0.shape:
-            raise error("input_shape_mismatch", k=k, shape=list(x.shape), shape0=list(x0.shape))
+            raise error("input_shape_mismatch", inputs=inputs_name, k=k, shape=list(x.shape), shape0=list(x0.shape))
         if x.device != x0.device:
-            raise error("input_device_mismatch", k=k, device=x.device, device0=x0.device)
+            raise error("input_device_mismatch", inputs=inputs_name, k=k, device=x.device, device0=x0.device)
+
+
+def check_args(weights: Tensor, inputs: list, name: str) -> None:
+    """`weights` (``(K,)`` or ``(*P, K)``, called `name`) against K inputs of one shape, dtype and device."""
+    if len(inputs) < 1:
+        raise error("no_inputs")
+    _check_weights(weights, name)
+    if weights.shape[-1] != len(inputs):
+        raise error("weights_k", name=name, n=weights.shape[-1], inputs="inputs", K=len(inputs))
+    check_inputs(inputs, "inputs")
+    x0 = inputs[0]
     _check_prefix(weights, name, x0.shape, "inputs[0]")
     if weights.device != x0.device:
         raise error("weights_device", name=name, device=weights.device, other="inputs[0]", other_device=x0.device)
+
+
+def check_grouped_weights(weights: Tensor, name: str) -> None:
+    """`weights` of a grouped op: ``(G, K)``, floating."""
+    if weights.dim() != 2:
+        raise error("grouped_weights", name=name, shape=list(weights.shape))
+    _check_weights(weights, name)
+
+
+def check_grouped_args(weights: Tensor, inputs: list, name: str) -> None:
+    """A grouped op's `weights` ``(G, K)`` against its G * K flat inputs,
+    ``inputs[g * K + k]`` being ``groups[g][k]``: within a group, one shape,
+    dtype and device, that of the weights."""
+    check_grouped_weights(weights, name)
+    G, K = weights.shape
+    if len(inputs) != G * K:
+        raise error("grouped_count", n=len(inputs), name=name, shape=list(weights.shape), GK=G * K)
+    if G > 0 and K == 0:
+        raise error("no_inputs")
+    for g in range(G):
+        group = inputs[g * K:(g + 1) * K]
+        check_inputs(group, f"groups[{g}]")
+        if weights.device != group[0].device:
+            raise error("weights_device", name=name, device=weights.device, other=f"groups[{g}][0]",
+                        other_device=group[0].device)
 
 
 def check_float_temperature(temperature) -> float:
@@ -96,6 +129,15 @@ def check_temperature(temperature):
     return check_float_temperature(temperature)
 
 
+def _check_grad(grad, inputs, grad_name: str, inputs_name: str) -> None:
+    x0 = inputs[0]
+    if grad.shape != x0.shape:
+        raise error("grad_shape_mismatch", grad=grad_name, shape=list(grad.shape), inputs=inputs_name,
+                    shape0=list(x0.shape))
+    if grad.dtype != x0.dtype:
+        raise error("grad_dtype_mismatch", grad=grad_name, dtype=grad.dtype, inputs=inputs_name, dtype0=x0.dtype)
+
+
 def check_backward_args(grad, weights, inputs, weights_requires_grad, inputs_requires_grad) -> None:
     """The arguments of ``_weighted_sum_backward``."""
     _check_weights(weights, "weights")
@@ -103,17 +145,33 @@ def check_backward_args(grad, weights, inputs, weights_requires_grad, inputs_req
     if len(inputs_requires_grad) != K:
         raise error("requires_grad_count", n=len(inputs_requires_grad), K=K)
     if grad.dtype not in KERNEL_DTYPES:
-        raise error("grad_dtype", dtype=grad.dtype)
+        raise error("grad_dtype", grad="grad", dtype=grad.dtype)
     _check_prefix(weights, "weights", grad.shape, "grad")
     if weights.device != grad.device:
         raise error("weights_device", name="weights", device=weights.device, other="grad", other_device=grad.device)
     if weights_requires_grad:
         check_args(weights, inputs, "weights")
-        x0 = inputs[0]
-        if grad.shape != x0.shape:
-            raise error("grad_shape_mismatch", shape=list(grad.shape), shape0=list(x0.shape))
-        if grad.dtype != x0.dtype:
-            raise error("grad_dtype_mismatch", dtype=grad.dtype, dtype0=x0.dtype)
+        _check_grad(grad, inputs, "grad", "inputs")
+
+
+def check_grouped_backward_args(grads, weights, inputs, weights_requires_grad, inputs_requires_grad) -> None:
+    """The arguments of ``_grouped_weighted_sum_backward``."""
+    check_grouped_weights(weights, "weights")
+    G, K = weights.shape
+    if len(grads) != G:
+        raise error("grouped_grads", n=len(grads), G=G)
+    if len(inputs_requires_grad) != G * K:
+        raise error("grouped_requires_grad_count", n=len(inputs_requires_grad), shape=list(weights.shape), GK=G * K)
+    for g, grad in enumerate(grads):
+        if grad.dtype not in KERNEL_DTYPES:
+            raise error("grad_dtype", grad=f"grads[{g}]", dtype=grad.dtype)
+        if weights.device != grad.device:
+            raise error("weights_device", name="weights", device=weights.device, other=f"grads[{g}]",
+                        other_device=grad.device)
+    if weights_requires_grad:
+        check_grouped_args(weights, inputs, "weights")
+        for g, grad in enumerate(grads):
+            _check_grad(grad, inputs[g * K:(g + 1) * K], f"grads[{g}]", f"groups[{g}]")
 
 
 def check_map(name, known) -> str:

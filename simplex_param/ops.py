@@ -16,10 +16,25 @@ from torch import Tensor
 
 from . import _ext, checks, reference
 
-__all__ = ["simplex_weighted_sum", "softmax_weighted_sum", "weighted_sum"]
+__all__ = [
+    "simplex_weighted_sum",
+    "softmax_weighted_sum",
+    "weighted_sum",
+    "grouped_weighted_sum",
+    "grouped_simplex_weighted_sum",
+    "grouped_softmax_weighted_sum",
+]
 
 # Every op of the library (csrc/simplex_param.cpp).
-OPS = ("weighted_sum", "_weighted_sum_backward", "simplex_weighted_sum", "softmax_weighted_sum")
+OPS = (
+    "weighted_sum",
+    "_weighted_sum_backward",
+    "simplex_weighted_sum",
+    "softmax_weighted_sum",
+    "grouped_weighted_sum",
+    "_grouped_weighted_sum_backward",
+    "grouped_simplex_weighted_sum",
+)
 
 
 def _num_stacked(inputs: Tensor) -> int:
@@ -186,6 +201,110 @@ def weighted_sum(weights: Tensor, inputs) -> Tensor:
     return reference.weighted_sum(weights, inputs)
 
 
+def _flatten_groups(weights, groups, name: str) -> list:
+    """The G groups of K tensors, flattened group by group (``groups[g][k]``
+    at ``g * K + k``), K being the weights' last dimension. A group may be a
+    list or tuple of tensors, any iterable of them, or one ``(K, ...)`` tensor."""
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(weights).__name__}")
+    checks.check_grouped_weights(weights, name)
+    if isinstance(groups, (Tensor, str, bytes)) or not isinstance(groups, Iterable):
+        raise TypeError(f"groups must be a sequence of groups of tensors, got {type(groups).__name__}")
+    groups = groups if type(groups) in (list, tuple) else list(groups)
+    G, K = weights.shape
+    if len(groups) != G:
+        raise ValueError(f"{name} has shape {list(weights.shape)}, one row per group, but groups has {len(groups)} groups")
+    flat = []
+    for g, group in enumerate(groups):
+        if isinstance(group, Tensor):
+            if group.dim() == 0:
+                raise ValueError(f"groups[{g}] given as a single tensor must have a first dimension K, got a 0-D tensor")
+            group = group.unbind(0)
+        elif isinstance(group, (str, bytes)) or not isinstance(group, Iterable):
+            raise TypeError(f"groups[{g}] must be a sequence of tensors, or one tensor, got {type(group).__name__}")
+        elif type(group) not in (list, tuple):
+            group = list(group)
+        for k, x in enumerate(group):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"groups[{g}][{k}] must be a Tensor, got {type(x).__name__}")
+        if len(group) != K:
+            raise checks.error("weights_k", name=name, n=K, inputs=f"groups[{g}]", K=len(group))
+        flat.extend(group)
+    return flat
+
+
+def grouped_weighted_sum(weights: Tensor, groups) -> list:
+    r"""G weighted sums in one call: ``out[g] = sum_k weights[g, k] * groups[g][k]``.
+
+    Args:
+        weights (Tensor): shape ``(G, K)``, one row of weights per group, any
+            floating dtype and any real values.
+        groups (sequence of G groups): each a sequence of K tensors of one
+            shape, dtype and device (or one ``(K, ...)`` tensor). Groups may
+            differ in shape and dtype.
+
+    Returns:
+        A list of G tensors, ``out[g]`` of the shape and dtype of group g.
+
+    One pass over all the groups (on CPU, one parallel loop over every
+    group's tiles), one autograd node. In the backward, the weights get their
+    gradient and an input gets one only where it requires grad: frozen
+    inputs cost no gradient writes. Deterministic.
+
+    Example::
+
+        >>> w = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+        >>> a, b = sp.grouped_weighted_sum(w, [[torch.zeros(2), torch.ones(2)], [torch.ones(3), torch.zeros(3)]])
+        >>> a, b
+        (tensor([0.7500, 0.7500]), tensor([1., 1., 1.]))
+    """
+    flat = _flatten_groups(weights, groups, "weights")
+    if _use_compiled(weights, flat):
+        if _fast_call(weights, flat):
+            return _ext.MODULE.grouped_weighted_sum(weights, flat)
+        return torch.ops.simplex_param.grouped_weighted_sum.default(weights, flat)
+    checks.check_grouped_args(weights, flat, "weights")
+    return reference.grouped_weighted_sum(weights, flat)
+
+
+def grouped_simplex_weighted_sum(logits: Tensor, groups, *, map: str = "softmax", temperature=1.0) -> list:
+    r"""``out[g] = sum_k map(logits / temperature)[g, k] * groups[g][k]``, in one call.
+
+    ``logits`` is ``(G, K)``; the map (see :func:`simplex_weighted_sum`) acts on
+    each row, in float64 when a group is float64, else in float32. Otherwise
+    as :func:`grouped_weighted_sum`.
+    """
+    checks.check_map(map, reference.MAPS)
+    flat = _flatten_groups(logits, groups, "logits")
+    if type(temperature) is not float or not 0.0 < temperature < math.inf:
+        temperature = checks.check_temperature(temperature)
+        if isinstance(temperature, Tensor):
+            checks.check_grouped_args(logits, flat, "logits")
+            logits = logits / temperature
+            temperature = 1.0
+    if _use_compiled(logits, flat):
+        return torch.ops.simplex_param.grouped_simplex_weighted_sum.default(logits, flat, map, temperature)
+    checks.check_grouped_args(logits, flat, "logits")
+    return reference.grouped_simplex_weighted_sum(logits, flat, map, temperature)
+
+
+def grouped_softmax_weighted_sum(logits: Tensor, groups, *, temperature=1.0) -> list:
+    r"""``out[g] = sum_k softmax(logits[g] / temperature)[k] * groups[g][k]``, in one call.
+
+    The grouped :func:`softmax_weighted_sum`, for model soups and merging,
+    multi-task layer mixes: G groups, each of K tensors with its own row of
+    ``(G, K)`` logits. See :func:`grouped_weighted_sum` for the groups.
+
+    Example::
+
+        >>> logits = torch.zeros(2, 2, requires_grad=True)
+        >>> members = [[torch.zeros(3), torch.ones(3)], [torch.ones(1), torch.ones(1)]]
+        >>> sp.grouped_softmax_weighted_sum(logits, members)
+        [tensor([0.5000, 0.5000, 0.5000], grad_fn=<...>), tensor([1.], grad_fn=<...>)]
+    """
+    return grouped_simplex_weighted_sum(logits, groups, map="softmax", temperature=temperature)
+
+
 # --------------------------------------------------------------------------
 # Fake kernels of the compiled ops (only when they exist).
 # --------------------------------------------------------------------------
@@ -244,8 +363,28 @@ def _fake_simplex_weighted_sum(logits, inputs, map="softmax", temperature=1.0):
     return x0.new_empty_strided(x0.shape, _walk_strides(inputs, logits.dim() - 1))
 
 
+def _fake_grouped_weighted_sum(weights, inputs):
+    checks.check_grouped_args(weights, inputs, "weights")
+    K = weights.shape[1]
+    groups = [inputs[g * K:(g + 1) * K] for g in range(weights.shape[0])]
+    return [group[0].new_empty_strided(group[0].shape, _walk_strides(group, 0)) for group in groups]
+
+
+def _fake_grouped_weighted_sum_backward(grads, weights, inputs, weights_requires_grad, inputs_requires_grad):
+    checks.check_grouped_backward_args(grads, weights, inputs, weights_requires_grad, inputs_requires_grad)
+    K = weights.shape[1]
+    grad_inputs = []
+    for g, grad in enumerate(grads):
+        strides = _walk_strides([grad, *(inputs[g * K:(g + 1) * K] if weights_requires_grad else ())], 0)
+        grad_inputs += [grad.new_empty_strided(grad.shape, strides) if need else grad.new_empty(0)
+                        for need in inputs_requires_grad[g * K:(g + 1) * K]]
+    return weights.new_empty(weights.shape if weights_requires_grad else (0,)), grad_inputs
+
+
 def _register_fakes():
     lib = "simplex_param::"
+    torch.library.register_fake(lib + "grouped_weighted_sum")(_fake_grouped_weighted_sum)
+    torch.library.register_fake(lib + "_grouped_weighted_sum_backward")(_fake_grouped_weighted_sum_backward)
     torch.library.register_fake(lib + "weighted_sum")(_fake_weighted_sum)
     torch.library.register_fake(lib + "_weighted_sum_backward")(_fake_weighted_sum_backward)
     torch.library.register_fake(lib + "simplex_weighted_sum")(_fake_simplex_weighted_sum)

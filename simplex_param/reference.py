@@ -77,3 +77,18 @@ def simplex_weighted_sum(logits: Tensor, inputs: list[Tensor], map: str = "softm
 def softmax_weighted_sum(logits: Tensor, inputs: list[Tensor], temperature: float = 1.0) -> Tensor:
     r"""``sum_k softmax(logits / temperature)[..., k] * inputs[k]``."""
     return simplex_weighted_sum(logits, inputs, "softmax", temperature)
+
+
+def grouped_weighted_sum(weights: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    r"""One :func:`weighted_sum` per group: ``weights`` is ``(G, K)`` and
+    ``inputs[g * K + k]`` is input k of group g."""
+    G, K = weights.shape
+    return [weighted_sum(weights[g], inputs[g * K:(g + 1) * K]) for g in range(G)]
+
+
+def grouped_simplex_weighted_sum(logits: Tensor, inputs: list[Tensor], map: str = "softmax",
+                                 temperature: float = 1.0) -> list[Tensor]:
+    r"""The map of the ``(G, K)`` logits (in float64 when a group is float64,
+    else in float32), then :func:`grouped_weighted_sum`."""
+    acc = torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
+    return grouped_weighted_sum(MAPS[map](logits.to(acc), temperature), inputs)

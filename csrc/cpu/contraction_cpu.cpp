@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../contraction.h"
@@ -302,47 +303,138 @@ bool cpu_has_avx2() {
 }
 #endif
 
-void forward_kernel(const Contraction& c) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "weighted_sum_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Operands<scalar_t, acc_t> ops(c);
-    const Tiles tiles(c.rows, c.row_len);
-    auto body = forward_default<scalar_t, acc_t>;
+// Tiles [t0, t1) of one contraction, on the best instruction set there is.
+template <typename scalar_t>
+void forward_range(const Contraction& c, const Tiles& tiles, int64_t t0, int64_t t1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Operands<scalar_t, acc_t> ops(c);
+  auto body = forward_default<scalar_t, acc_t>;
 #if SIMPLEX_PARAM_AVX2_PATH
-    if (cpu_has_avx2()) body = forward_avx2<scalar_t, acc_t>;
+  if (cpu_has_avx2()) body = forward_avx2<scalar_t, acc_t>;
 #endif
-    at::parallel_for(0, tiles.count, tile_grain(c.K), [&](int64_t t0, int64_t t1) {
-      body(c, tiles, ops, t0, t1);
+  body(c, tiles, ops, t0, t1);
+}
+
+template <typename scalar_t>
+void backward_range(const Contraction& c, const Tiles& tiles, at::opmath_type<scalar_t>* partials,
+                    int64_t t0, int64_t t1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Operands<scalar_t, acc_t> ops(c);
+  auto body = backward_default<scalar_t, acc_t>;
+#if SIMPLEX_PARAM_AVX2_PATH
+  if (cpu_has_avx2()) body = backward_avx2<scalar_t, acc_t>;
+#endif
+  body(c, tiles, ops, partials, t0, t1);
+}
+
+// The tiles of several contractions, numbered one after the other, so that
+// one parallel loop covers them all: tiles are of about kBlock elements
+// whatever the contraction, which balances groups of very different sizes.
+struct Batch {
+  std::vector<Tiles> tiles;
+  std::vector<int64_t> first{0};  // first[j]: number of contraction j's first tile
+
+  explicit Batch(c10::ArrayRef<Contraction> cs) {
+    for (const Contraction& c : cs) {
+      tiles.emplace_back(c.rows, c.row_len);
+      first.push_back(first.back() + tiles.back().count);
+    }
+  }
+  int64_t count() const { return first.back(); }
+
+  // f(j, t0, t1) for each contraction j with tiles in [begin, end), its own
+  // tiles [t0, t1) of them.
+  template <typename F>
+  void for_each(int64_t begin, int64_t end, F&& f) const {
+    auto j = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1);
+    for (int64_t t = begin; t < end; ++j) {
+      const int64_t stop = std::min(end, first[j + 1]);
+      f(j, t - first[j], stop - first[j]);
+      t = stop;
+    }
+  }
+};
+
+// Per contraction whose rows are cut into pieces: the pieces' dot products,
+// in its accumulation dtype, summed in piece order after the parallel loop.
+struct Partials {
+  std::vector<float> f;
+  std::vector<double> d;
+  std::vector<int64_t> offset;
+
+  Partials(c10::ArrayRef<Contraction> cs, const Batch& batch) {
+    for (size_t j = 0; j < cs.size(); ++j) {
+      const bool split = cs[j].grad_w != nullptr && batch.tiles[j].pieces > 1;
+      const int64_t n = split ? batch.tiles[j].count * cs[j].K : 0;
+      if (acc_type(cs[j].dtype) == at::kDouble) {
+        offset.push_back(static_cast<int64_t>(d.size()));
+        d.resize(d.size() + n);
+      } else {
+        offset.push_back(static_cast<int64_t>(f.size()));
+        f.resize(f.size() + n);
+      }
+    }
+  }
+  template <typename acc_t>
+  acc_t* at(size_t j) {
+    if constexpr (std::is_same_v<acc_t, double>) {
+      return d.data() + offset[j];
+    } else {
+      return f.data() + offset[j];
+    }
+  }
+};
+
+template <typename acc_t>
+void sum_pieces(const Contraction& c, const Tiles& tiles, const acc_t* partials) {
+  acc_t* grad_w = static_cast<acc_t*>(c.grad_w);
+  for (int64_t row = 0; row < c.rows; ++row) {
+    const acc_t* p = partials + row * tiles.pieces * c.K;
+    for (int64_t k = 0; k < c.K; ++k) {
+      acc_t s = 0;
+      for (int64_t piece = 0; piece < tiles.pieces; ++piece) s += p[piece * c.K + k];
+      grad_w[row * c.K + k] = s;
+    }
+  }
+}
+
+// All contractions of `cs` (one K for all) in one parallel loop.
+void forward_batch(c10::ArrayRef<Contraction> cs) {
+  const Batch batch(cs);
+  at::parallel_for(0, batch.count(), tile_grain(cs[0].K), [&](int64_t begin, int64_t end) {
+    batch.for_each(begin, end, [&](size_t j, int64_t t0, int64_t t1) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cs[j].dtype, "weighted_sum_cpu", [&] {
+        forward_range<scalar_t>(cs[j], batch.tiles[j], t0, t1);
+      });
     });
   });
 }
 
-void backward_kernel(const Contraction& c) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "weighted_sum_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Operands<scalar_t, acc_t> ops(c);
-    const Tiles tiles(c.rows, c.row_len);
-    const bool split = c.grad_w != nullptr && tiles.pieces > 1;
-    std::vector<acc_t> partials(split ? tiles.count * c.K : 0);
-    auto body = backward_default<scalar_t, acc_t>;
-#if SIMPLEX_PARAM_AVX2_PATH
-    if (cpu_has_avx2()) body = backward_avx2<scalar_t, acc_t>;
-#endif
-    at::parallel_for(0, tiles.count, tile_grain(c.K), [&](int64_t t0, int64_t t1) {
-      body(c, tiles, ops, partials.data(), t0, t1);
+void backward_batch(c10::ArrayRef<Contraction> cs) {
+  const Batch batch(cs);
+  Partials partials(cs, batch);
+  at::parallel_for(0, batch.count(), tile_grain(cs[0].K), [&](int64_t begin, int64_t end) {
+    batch.for_each(begin, end, [&](size_t j, int64_t t0, int64_t t1) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cs[j].dtype, "weighted_sum_backward_cpu", [&] {
+        backward_range<scalar_t>(cs[j], batch.tiles[j], partials.at<at::opmath_type<scalar_t>>(j), t0, t1);
+      });
     });
-    if (!split) return;
-    // Each row's pieces, summed in piece order.
-    acc_t* grad_w = static_cast<acc_t*>(c.grad_w);
-    for (int64_t row = 0; row < c.rows; ++row) {
-      const acc_t* p = partials.data() + row * tiles.pieces * c.K;
-      for (int64_t k = 0; k < c.K; ++k) {
-        acc_t s = 0;
-        for (int64_t piece = 0; piece < tiles.pieces; ++piece) s += p[piece * c.K + k];
-        grad_w[row * c.K + k] = s;
-      }
-    }
   });
+  for (size_t j = 0; j < cs.size(); ++j) {
+    if (cs[j].grad_w == nullptr || batch.tiles[j].pieces == 1) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cs[j].dtype, "weighted_sum_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      sum_pieces<acc_t>(cs[j], batch.tiles[j], partials.at<acc_t>(j));
+    });
+  }
+}
+
+void forward_kernel(const Contraction& c) {
+  forward_batch(c10::ArrayRef<Contraction>(c));
+}
+
+void backward_kernel(const Contraction& c) {
+  backward_batch(c10::ArrayRef<Contraction>(c));
 }
 
 at::Tensor weighted_sum_cpu(const at::Tensor& weights, at::TensorList inputs) {
@@ -356,11 +448,24 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_cpu(
       grad, weights, inputs, weights_requires_grad, inputs_requires_grad, skip_zero_weights, backward_kernel);
 }
 
+std::vector<at::Tensor> grouped_weighted_sum_cpu(const at::Tensor& weights, at::TensorList inputs) {
+  return grouped_weighted_sum_forward(weights, inputs, forward_batch);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward_cpu(
+    at::TensorList grads, const at::Tensor& weights, at::TensorList inputs, bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad) {
+  return grouped_weighted_sum_backward(
+      grads, weights, inputs, weights_requires_grad, inputs_requires_grad, backward_batch);
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(simplex_param, CPU, m) {
   m.impl("weighted_sum", &weighted_sum_cpu);
   m.impl("_weighted_sum_backward", &weighted_sum_backward_cpu);
+  m.impl("grouped_weighted_sum", &grouped_weighted_sum_cpu);
+  m.impl("_grouped_weighted_sum_backward", &grouped_weighted_sum_backward_cpu);
 }
 
 } // namespace simplex_param

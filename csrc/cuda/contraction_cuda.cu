@@ -10,7 +10,8 @@
 //   backward: backward_kernel, one block per tile (a piece of one row),
 //             writing w[r, k] * g for the wanted inputs and, for the
 //             weights' gradient, one partial dot product <g, x_k> per tile;
-//             then finish_kernel sums each row's partials in a fixed order.
+//             then finish_kernel sums each row's partials in a fixed order;
+//   grouped:  the launches above, group after group.
 // No floating-point atomics: the same inputs on the same device give the
 // same bits. The K input pointers travel as kernel arguments, in chunks.
 #include <ATen/ATen.h>
@@ -323,11 +324,34 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_cuda(
       grad, weights, inputs, weights_requires_grad, inputs_requires_grad, skip_zero_weights, backward_kernel_cuda);
 }
 
+// The grouped ops: the groups' kernels one after the other on the stream
+// (not yet one launch over a chunk table, as multi_tensor_apply does).
+void forward_batch_cuda(c10::ArrayRef<Contraction> cs) {
+  for (const Contraction& c : cs) forward_kernel_cuda(c);
+}
+
+void backward_batch_cuda(c10::ArrayRef<Contraction> cs) {
+  for (const Contraction& c : cs) backward_kernel_cuda(c);
+}
+
+std::vector<at::Tensor> grouped_weighted_sum_cuda(const at::Tensor& weights, at::TensorList inputs) {
+  return grouped_weighted_sum_forward(weights, inputs, forward_batch_cuda);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward_cuda(
+    at::TensorList grads, const at::Tensor& weights, at::TensorList inputs, bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad) {
+  return grouped_weighted_sum_backward(
+      grads, weights, inputs, weights_requires_grad, inputs_requires_grad, backward_batch_cuda);
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(simplex_param, CUDA, m) {
   m.impl("weighted_sum", &weighted_sum_cuda);
   m.impl("_weighted_sum_backward", &weighted_sum_backward_cuda);
+  m.impl("grouped_weighted_sum", &grouped_weighted_sum_cuda);
+  m.impl("_grouped_weighted_sum_backward", &grouped_weighted_sum_backward_cuda);
 }
 
 } // namespace simplex_param
