@@ -128,11 +128,11 @@ class WeightSummary(list):
     """A list of :class:`WeightRecord`, printed as a table."""
 
     def __str__(self) -> str:
-        head = f"{'name':<28}{'kind':<15}{'map':<11}{'T':>6}{'K':>5}{'entropy':>9}{'eff. K':>8}{'support':>9}  top weights"
+        head = f"{'name':<28}{'kind':<18}{'map':<11}{'T':>6}{'K':>5}{'entropy':>9}{'eff. K':>8}{'support':>9}  top weights"
         lines = [head]
         for r in self:
             lines.append(
-                f"{r.name:<28}{r.kind:<15}{r.map:<11}{r.temperature:>6.3g}{r.weights.shape[-1]:>5}"
+                f"{r.name:<28}{r.kind:<18}{r.map:<11}{r.temperature:>6.3g}{r.weights.shape[-1]:>5}"
                 f"{r.entropy:>9.3f}{r.effective_k:>8.2f}{r.support:>9.2f}  {r.top()}"
             )
         return "\n".join(lines)

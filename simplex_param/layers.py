@@ -366,7 +366,9 @@ class ScalarMix(nn.Module):
     Args:
         mixture_size (int): K, the number of tensors to mix.
         do_layer_norm (bool, optional): AllenNLP's switch: ``True`` is
-            ``layer_norm="tensor"``. Default: ``False``.
+            ``layer_norm="tensor"``, ``False`` no normalisation. Default:
+            ``None`` (not given: as AllenNLP's default, ``False``, unless
+            ``layer_norm`` says otherwise).
         initial_scalar_parameters (list of float, optional): K pre-softmax
             values, as in AllenNLP; ``-inf`` gives a layer the weight 0 (at
             least one must be finite). Default: zeros (uniform weights).
@@ -394,8 +396,10 @@ class ScalarMix(nn.Module):
         >>> layers = [torch.full((1, 2), float(k)) for k in range(3)]
         >>> mix(layers)
         tensor([[1.3642, 1.3642]], grad_fn=<...>)
-        >>> sp.ScalarMix(3, layer_norm="token")
-        ScalarMix(mixture_size=3, layer_norm='token')
+        >>> sp.ScalarMix(3, layer_norm="token").extra_repr()
+        "mixture_size=3, layer_norm='token'"
+        >>> sp.ScalarMix(3, do_layer_norm=True).layer_norm
+        'tensor'
     """
 
     def __init__(
