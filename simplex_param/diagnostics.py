@@ -99,7 +99,7 @@ class WeightRecord:
     kind: str  # "SimplexFusion", "ScalarMix", "WeightedLayerSum", "MixedOp" or "Simplex"
     map: str
     temperature: float
-    weights: Tensor = field(repr=False)  # detached, probability vectors along the last dim
+    weights: Tensor = field(repr=False)  # detached, float64 on the CPU, probability vectors along the last dim
     entropy: float  # mean over the vectors
     effective_k: float  # exp(entropy)
     support: float  # mean number of nonzero weights per vector
@@ -174,7 +174,7 @@ def summary(model: nn.Module) -> WeightSummary:
     records = WeightSummary()
     with torch.no_grad():
         for name, m, simplex, w in _simplex_weights(model):
-            w = w.detach().double()
+            w = w.detach().double().cpu()
             kind = type(m).__name__.removeprefix("Parametrized")
             if not isinstance(m, (SimplexFusion, MixedOp, ScalarMix, WeightedLayerSum)):
                 kind = "Simplex"

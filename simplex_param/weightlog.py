@@ -153,7 +153,9 @@ class WeightLogger:
     def read_csv(path) -> list:
         """A CSV written by ``WeightLogger(..., csv=path)`` as the logger's
         ``history``: a list of ``(step, WeightSummary)`` pairs, equal to what
-        was recorded."""
+        was recorded. (A step at which the model held no simplex weight,
+        such as a lazy layer's before its first call, left no row, so it is
+        not read back.)"""
         history = []
         with open(path, newline="") as f:
             rows = csv.reader(f)

@@ -1,4 +1,6 @@
-"""sp.summary and sp.entropy, checked against hand computation."""
+"""sp.summary, sp.entropy, sp.zero_one_loss and sp.WeightLogger, checked
+against hand computation."""
+import doctest
 import math
 import sys
 
@@ -261,3 +263,12 @@ def test_weight_logger_bad_arguments():
         sp.WeightLogger([sp.SimplexFusion(2)])
     with pytest.raises(ValueError, match="nothing was recorded"):
         sp.WeightLogger(nn.Linear(2, 2)).plot("unused.png")
+
+
+def test_weight_logger_docstring_example():
+    import simplex_param.weightlog
+
+    torch.manual_seed(0)
+    globs = {"torch": torch, "nn": nn, "sp": sp}
+    result = doctest.testmod(simplex_param.weightlog, extraglobs=globs, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -437,10 +437,10 @@ def test_scalar_mix_state_dict_round_trip():
     assert_close(b(tensors, mask), a(tensors, mask))
 
 
-@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("norm", [None, "tensor", "token"])
 def test_scalar_mix_gradcheck(norm):
     torch.manual_seed(14)
-    mix_ = sp.ScalarMix(3, do_layer_norm=norm).double()
+    mix_ = sp.ScalarMix(3, layer_norm=norm).double()
     xs = [torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     z = torch.randn(3, dtype=torch.float64, requires_grad=True)
@@ -453,11 +453,11 @@ def test_scalar_mix_gradcheck(norm):
     assert gradcheck(f, (z, gamma, *xs))
 
 
-@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("norm", [None, "tensor", "token"])
 def test_scalar_mix_compile_fullgraph(norm):
     torch._dynamo.reset()
     torch.manual_seed(15)
-    mix_ = sp.ScalarMix(3, do_layer_norm=norm, initial_scalar_parameters=[0.1, 0.2, -0.3])
+    mix_ = sp.ScalarMix(3, initial_scalar_parameters=[0.1, 0.2, -0.3], layer_norm=norm)
     compiled = torch.compile(mix_, fullgraph=True)
     tensors, mask = padded_batch(torch.float32, "cpu")
     tensors = [t.requires_grad_() for t in tensors]
