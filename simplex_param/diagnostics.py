@@ -13,9 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .layers import ScalarMix, SimplexFusion, WeightedLayerSum
+from .layers import ScalarMix, WeightedLayerSum
 from .parametrization import Simplex
-from .search import MixedOp
 
 __all__ = ["WeightRecord", "WeightSummary", "summary", "entropy", "zero_one_loss"]
 
@@ -96,7 +95,7 @@ class WeightRecord:
     """One row of :func:`summary`: a simplex weight tensor of the model."""
 
     name: str  # where it lives: "fuse.weight", "encoder.mix"
-    kind: str  # "SimplexFusion", "ScalarMix", "WeightedLayerSum", "MixedOp" or "Simplex"
+    kind: str  # the library's layer ("SimplexFusion", "ScalarMix", "MixedOp", ...) or "Simplex"
     map: str
     temperature: float
     weights: Tensor = field(repr=False)  # detached, float64 on the CPU, probability vectors along the last dim
@@ -175,9 +174,9 @@ def summary(model: nn.Module) -> WeightSummary:
     with torch.no_grad():
         for name, m, simplex, w in _simplex_weights(model):
             w = w.detach().double().cpu()
-            kind = type(m).__name__.removeprefix("Parametrized")
-            if not isinstance(m, (SimplexFusion, MixedOp, ScalarMix, WeightedLayerSum)):
-                kind = "Simplex"
+            # The library's layer that holds the weights (a soup, a fusion
+            # layer, ...), or "Simplex" for a parametrized tensor of any other module.
+            kind = next((c.__name__ for c in type(m).__mro__ if c.__module__.startswith("simplex_param.")), "Simplex")
             h = float(_mean_entropy(w))
             records.append(WeightRecord(
                 name=name,

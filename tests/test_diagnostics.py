@@ -272,3 +272,12 @@ def test_weight_logger_docstring_example():
     globs = {"torch": torch, "nn": nn, "sp": sp}
     result = doctest.testmod(simplex_param.weightlog, extraglobs=globs, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_summary_kind_is_the_library_layer():
+    class MyFusion(sp.SimplexFusion):
+        pass
+
+    m = nn.ModuleDict({"lazy": sp.LazySimplexFusion(), "mine": MyFusion(2), "lin": sp.simplex(nn.Linear(2, 3))})
+    m["lazy"]([torch.ones(2)] * 3)
+    assert [r.kind for r in sp.summary(m)] == ["LazySimplexFusion", "SimplexFusion", "Simplex"]
