@@ -16,6 +16,7 @@ from .ops import (
 from .parametrization import Simplex, combine, simplex
 from .layers import LazySimplexFusion, ScalarMix, SimplexFusion, WeightedLayerSum
 from .gumbel import gumbel_softmax
+from .soup import LearnedSoup
 from .search import MixedOp, architecture_parameters, set_temperature, split_parameters
 from .diagnostics import entropy, summary, zero_one_loss
 from .weightlog import WeightLogger
@@ -33,6 +34,7 @@ __all__ = [
     "grouped_weighted_sum",
     "grouped_simplex_weighted_sum",
     "grouped_softmax_weighted_sum",
+    "LearnedSoup",
     "SimplexFusion",
     "LazySimplexFusion",
     "ScalarMix",

@@ -1,6 +1,6 @@
-"""DistributedDataParallel over Simplex-parametrized modules: 2 processes on CPU
-with the gloo backend end with identical weights, equal to one process trained
-on the whole batch."""
+"""DistributedDataParallel over Simplex-parametrized modules and a learned
+soup: 2 processes on CPU with the gloo backend end with identical weights,
+equal to one process trained on the whole batch."""
 import datetime
 import os
 import socket
@@ -42,8 +42,17 @@ class Mixer(nn.Module):
         return self.mixed(self.proj(sp.combine(self, "mix", xs)))
 
 
-def make_model_and_data():
+def make_soup():
+    """A learned soup of 3 small MLPs (frozen members, one row per tensor)."""
+    members = [nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double() for _ in range(3)]
+    return sp.LearnedSoup(members, temperature=0.5).double()
+
+
+def make_model_and_data(kind="mixer"):
+    """The model, its input with the batch in dim -2, and the target."""
     torch.manual_seed(0)
+    if kind == "soup":
+        return make_soup(), torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
     model = Mixer().double()
     xs = torch.randn(3, 8, 4, dtype=torch.float64)  # K=3 inputs, batch of 8
     target = torch.randn(8, 2, dtype=torch.float64)
@@ -58,7 +67,7 @@ def train(model, xs, target):
         opt.step()
 
 
-def worker(rank, port, out_dir):
+def worker(rank, port, out_dir, kind):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -68,14 +77,14 @@ def worker(rank, port, out_dir):
         timeout=datetime.timedelta(seconds=TIMEOUT_S),
     )
     try:
-        model, xs, target = make_model_and_data()
+        model, xs, target = make_model_and_data(kind)
         if rank == 1:  # a different start, which DDP overwrites with rank 0's
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(1.0)
         ddp = nn.parallel.DistributedDataParallel(model)
         shard = slice(rank * 4, rank * 4 + 4)  # equal shards: the mean of the shard losses is the full loss
-        train(ddp, xs[:, shard], target[shard])
+        train(ddp, xs[..., shard, :], target[shard])
         torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -87,9 +96,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_gloo_two_processes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["mixer", "soup"])
+def test_ddp_gloo_two_processes(tmp_path, monkeypatch, kind):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # inherited by the workers: loopback only
-    ctx = mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
+    ctx = mp.start_processes(worker, args=(free_port(), str(tmp_path), kind), nprocs=WORLD, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
@@ -103,12 +114,15 @@ def test_ddp_gloo_two_processes(tmp_path, monkeypatch):
 
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert states[0].keys() == states[1].keys()
-    assert "parametrizations.mix.original" in states[0]
-    assert "mixed.parametrizations.weight.original" in states[0]
+    if kind == "mixer":
+        assert "parametrizations.mix.original" in states[0]
+        assert "mixed.parametrizations.weight.original" in states[0]
+    else:  # the soup's only state: its (G, K) pre-weights
+        assert list(states[0]) == ["parametrizations.weight.original"] and states[0][list(states[0])[0]].shape == (4, 3)
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
 
-    model, xs, target = make_model_and_data()
+    model, xs, target = make_model_and_data(kind)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     train(model, xs, target)
     for key, value in model.state_dict().items():

@@ -1,0 +1,257 @@
+r"""Learned model soups: the members' tensors mixed with learned simplex
+weights, in one grouped call per forward.
+
+A soup of K fine-tuned models of one architecture is the model whose every
+tensor is ``sum_k w[g, k] * members[k][g]``, with ``w[g]`` a row of
+probabilities (one row per tensor, or one for the whole model). The weights
+are learned on held-out data, with the members frozen (Wortsman et al.,
+"Model soups", 2022, the learned soup; AdaMerging learns the same layer-wise
+coefficients).
+"""
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from . import ops
+from .parametrization import Simplex, _check_map
+
+__all__ = ["LearnedSoup"]
+
+_GRANULARITIES = ("tensor", "model")
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {list(t.shape)} and dtype {t.dtype}"
+
+
+def _check_same_architecture(states: list, names: list) -> None:
+    """Every state_dict has the keys, shapes and dtypes of the first."""
+    first = states[0]
+    for i in range(1, len(states)):
+        state = states[i]
+        missing = [key for key in first if key not in state]
+        if missing:
+            raise ValueError(f"{names[i]} differs from {names[0]}: it lacks the key {missing[0]!r}")
+        extra = [key for key in state if key not in first]
+        if extra:
+            raise ValueError(f"{names[i]} differs from {names[0]}: it has the key {extra[0]!r}, which {names[0]} lacks")
+        for key, t in first.items():
+            u = state[key]
+            if not isinstance(u, Tensor):
+                raise TypeError(f"{names[i]}[{key!r}] must be a Tensor, got {type(u).__name__}")
+            if u.shape != t.shape or u.dtype != t.dtype:
+                raise ValueError(
+                    f"{names[i]} differs from {names[0]} at key {key!r}: {_describe(u)}, "
+                    f"but {_describe(t)} in {names[0]}"
+                )
+
+
+def _skeleton(template: nn.Module) -> nn.Module:
+    """A copy of `template` whose parameters and buffers are on the meta
+    device: its code and structure, none of its memory."""
+    memo = {}
+    for p in template.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in template.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(template, memo)
+
+
+class LearnedSoup(nn.Module):
+    r"""A model whose tensors are learned convex combinations of K members'.
+
+    .. math::
+        \theta_g = \sum_{k=1}^{K} w_{g,k}\, \theta^{(k)}_g, \qquad
+        w_{g,\cdot} = \mathrm{map}(z_{g,\cdot} / T)
+
+    The soup behaves like the template: ``soup(*args, **kwargs)`` runs the
+    template's forward (through :func:`torch.func.functional_call`) on the
+    mixed tensors, computed by **one** :func:`~simplex_param.grouped_weighted_sum`
+    call per forward (the parameters and, by default, the floating buffers).
+    The members are frozen and held once, without copies
+    (unless ``dtype`` asks for one); they get no gradients and no gradient
+    writes. Its only parameter is ``weight``, the ``(G, K)`` (or ``(1, K)``)
+    probabilities, parametrized by :class:`~simplex_param.Simplex`: assign
+    probabilities to it (``soup.weight = p``) to choose the starting point.
+
+    Args:
+        members: K modules of one architecture, or K state_dicts together
+            with ``template``.
+        template (nn.Module, optional): the architecture, required with
+            state_dicts (default: the first member). Its own tensors are never
+            used, only its code.
+        granularity (str): ``"tensor"`` (default) learns one row of K weights
+            per mixed tensor, ``"model"`` one row for them all.
+        temperature (float): of the map. Default: ``1.0``.
+        map (str): ``"softmax"`` (default), ``"sparsemax"`` or ``"entmax15"``.
+        dtype (torch.dtype, optional): store the members in this floating
+            dtype (for example ``torch.bfloat16``, to halve their memory); the
+            mixed tensors are cast back to the template's dtypes.
+        buffers (str or int): ``"mix"`` (default): floating buffers (such as
+            BatchNorm's running statistics) are mixed with the same weights,
+            without a gradient: those of the first parameter of their own
+            module (BatchNorm's weight), else the mean of the rows; integer
+            buffers (``num_batches_tracked``) come from the first member. An
+            int ``k``: every buffer is taken from member ``k``, unmixed.
+            In train mode a BatchNorm uses the batch's statistics; its
+            updates of the mixed running statistics are dropped at the next
+            forward, which mixes them again.
+
+    Example::
+
+        >>> members = [nn.Linear(3, 2) for _ in range(4)]
+        >>> soup = sp.LearnedSoup(members)
+        >>> soup.weight.shape                       # one row per tensor: weight and bias
+        torch.Size([2, 4])
+        >>> soup(torch.randn(5, 3)).shape
+        torch.Size([5, 2])
+        >>> merged = nn.Linear(3, 2)
+        >>> _ = merged.load_state_dict(soup.merged_state_dict())
+    """
+
+    def __init__(
+        self,
+        members,
+        *,
+        template: Optional[nn.Module] = None,
+        granularity: str = "tensor",
+        temperature: float = 1.0,
+        map: str = "softmax",
+        dtype: Optional[torch.dtype] = None,
+        buffers="mix",
+    ) -> None:
+        super().__init__()
+        if granularity not in _GRANULARITIES:
+            raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if isinstance(members, (nn.Module, Mapping, str, bytes)) or not isinstance(members, Sequence):
+            raise TypeError(f"members must be a sequence of modules or of state_dicts, got {type(members).__name__}")
+        K = len(members)
+        if K < 1:
+            raise ValueError("members must contain at least one model")
+        if all(isinstance(m, nn.Module) for m in members):
+            template = members[0] if template is None else template
+            states = [m.state_dict(keep_vars=True) for m in members]
+        elif all(isinstance(m, Mapping) for m in members):
+            if template is None:
+                raise TypeError("template is required when members are state_dicts: the module they are state_dicts of")
+            states = [dict(m) for m in members]
+        else:
+            raise TypeError("members must be all modules or all state_dicts, not a mix")
+        if not isinstance(template, nn.Module):
+            raise TypeError(f"template must be an nn.Module, got {type(template).__name__}")
+        if buffers != "mix" and (isinstance(buffers, bool) or not isinstance(buffers, int) or not 0 <= buffers < K):
+            raise ValueError(f"buffers must be 'mix' or a member index in [0, {K - 1}], got {buffers!r}")
+
+        reference_state = template.state_dict(keep_vars=True)
+        first = "members[0]" if template is members[0] else "template"
+        _check_same_architecture([reference_state, *states], [first] + [f"members[{k}]" for k in range(K)])
+        buffer_ids = {id(b) for b in template.buffers()}
+        # Tied tensors (one object under several keys) are mixed once.
+        canonical, seen = {}, {}
+        for key, t in reference_state.items():
+            canonical[key] = seen.setdefault(id(t), key)
+        self._keys = list(reference_state)
+        self._canonical = canonical
+        self._template_dtypes = {key: t.dtype for key, t in reference_state.items()}
+
+        # Mixed: the floating parameters (one row each), then, with
+        # buffers="mix", the floating buffers; fixed: the rest.
+        params, mixed_buffers, self._fixed_keys = [], [], []
+        for key, t in reference_state.items():
+            if canonical[key] != key:
+                continue
+            if not t.dtype.is_floating_point:
+                self._fixed_keys.append(key)
+            elif id(t) not in buffer_ids:
+                params.append(key)
+            else:
+                (mixed_buffers if buffers == "mix" else self._fixed_keys).append(key)
+        if not params:
+            raise ValueError("the template has no floating parameters to mix")
+        self._param_keys = params
+        self._mixed_keys = params + mixed_buffers
+        # A buffer takes the row of the first parameter of its own module
+        # (BatchNorm's statistics: its weight's), else the mean row (-1).
+        module_of = {key: key.rpartition(".")[0] for key in params}
+        self._buffer_rows = [
+            next((g for g, p in enumerate(params) if module_of[p] == key.rpartition(".")[0]), -1)
+            for key in mixed_buffers
+        ]
+        source = 0 if buffers == "mix" else buffers
+        # Plain attributes, not buffers: not in state_dict, not synchronised
+        # by DistributedDataParallel; moved by _apply.
+        self._members = [[self._store(states[k][key], dtype) for k in range(K)] for key in self._mixed_keys]
+        # Copies (small): a module in train mode updates buffers in place.
+        self._fixed = {key: states[source][key].detach().clone() for key in self._fixed_keys}
+        # Non-persistent buffers (outside state_dict) come from the template.
+        persistent = {id(t) for t in reference_state.values()}
+        self._fixed.update({name: b.detach().clone() for name, b in template.named_buffers() if id(b) not in persistent})
+        # Not a submodule: its (meta) tensors are no parameters of the soup.
+        object.__setattr__(self, "_template", _skeleton(template))
+        self._template.train(self.training)
+
+        self.num_members = K
+        self.granularity = granularity
+        self.temperature = float(temperature)
+        self.map = _check_map(map)
+        rows = len(params) if granularity == "tensor" else 1
+        self.weight = nn.Parameter(torch.zeros(rows, K))
+        parametrize.register_parametrization(self, "weight", Simplex(dim=-1, temperature=temperature, map=map))
+
+    @staticmethod
+    def _store(t: Tensor, dtype) -> Tensor:
+        t = t.detach()
+        return t if dtype is None else t.to(dtype)
+
+    @property
+    def mixed_names(self) -> list:
+        """The names of the mixed parameters: at ``"tensor"`` granularity, row
+        g of ``weight`` is ``mixed_names[g]``'s."""
+        return list(self._param_keys)
+
+    def extra_repr(self) -> str:
+        return (f"members={self.num_members}, tensors={len(self._param_keys)}, granularity={self.granularity!r}, "
+                f"temperature={self.temperature}, map={self.map!r}")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._template.train(mode)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._members = [[fn(t) for t in group] for group in self._members]
+        self._fixed = {key: fn(t) for key, t in self._fixed.items()}
+        return self
+
+    def mixed(self) -> dict:
+        """The soup's tensors by name: the mixed parameters (differentiable
+        with respect to ``weight``), the mixed buffers and the fixed tensors."""
+        w = self.weight  # the map of the pre-weights, (rows, K)
+        if self.granularity == "model":
+            w = w.expand(len(self._param_keys), self.num_members)
+        if self._buffer_rows:
+            rows = torch.cat([w, w.mean(0, keepdim=True)]).detach()
+            w = torch.cat([w, rows[self._buffer_rows]])
+        tensors = dict(self._fixed)
+        outs = ops.grouped_weighted_sum(w, self._members)
+        for g, (key, out) in enumerate(zip(self._mixed_keys, outs)):
+            out = out if g < len(self._param_keys) else out.detach()  # buffers: no gradient
+            tensors[key] = out.to(self._template_dtypes[key])
+        return tensors
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self._template, self.mixed(), args, kwargs)
+
+    @torch.no_grad()
+    def merged_state_dict(self) -> dict:
+        """The final soup as a plain state_dict of the template: loaded into
+        the template, it gives the soup's outputs (in eval mode)."""
+        tensors = self.mixed()
+        return {key: tensors[self._canonical[key]].detach().clone() for key in self._keys}
