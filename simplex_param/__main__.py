@@ -1,4 +1,4 @@
-"""Command line: ``python -m simplex_param {demo,bench} [options]``."""
+"""Command line: ``python -m simplex_param {demo,bench,soup} [options]``."""
 import argparse
 import importlib
 import sys
@@ -6,6 +6,7 @@ import sys
 COMMANDS = {
     "demo": ("simplex_param.demo", "learn mixing weights on synthetic data with a known true mixture"),
     "bench": ("simplex_param.bench", "time the fused operator against the alternatives and the memory floor"),
+    "soup": ("simplex_param.soup_demo", "learn a model soup of K fine-tuned classifiers on a synthetic task"),
 }
 
 

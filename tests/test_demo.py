@@ -125,3 +125,23 @@ def test_demo_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
     assert demo.main(SMALL + ["--plot", str(tmp_path / "w.png")]) == 2
     assert "--plot needs matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "w.png").exists()
+
+
+def test_soup_demo_learns_a_better_soup_than_the_uniform_one(capsys):
+    """``python -m simplex_param soup``, at a smaller width: the learned soup
+    beats the uniform one (whose two off-task members pull it down) and the
+    best member; both training steps are timed and their memory measured."""
+    from simplex_param import soup_demo
+
+    assert soup_demo.main(["--hidden", "256", "--steps", "100"]) == 0
+    out = capsys.readouterr().out
+    acc = {name: float(v) for name, v in re.findall(r"^\s+(best member \(\d\)|uniform soup|learned soup)\s+([0-9.]+)$",
+                                                   out, re.M)}
+    assert len(acc) == 3
+    best = next(v for k, v in acc.items() if k.startswith("best"))
+    assert acc["learned soup"] > acc["uniform soup"] + 0.03
+    assert acc["learned soup"] > best
+    steps = re.findall(r"^\s+(LearnedSoup|model-soups recipe)\s+([0-9.]+) ms\s+peak extra memory\s+([0-9.]+) MiB "
+                       r"\(([0-9.]+) models\)$", out, re.M)
+    assert [s[0] for s in steps] == ["LearnedSoup", "model-soups recipe"]
+    assert all(float(s[1]) > 0 and float(s[2]) > 0 for s in steps)
