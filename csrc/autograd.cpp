@@ -229,8 +229,9 @@ class GroupedWeightedSumFunction : public torch::autograd::Function<GroupedWeigh
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [grad_w, grad_x] = grouped_weighted_sum_backward_op(grads, weights, xs, need_w, need_x_list);
     if (need_w) out[0] = grad_w;
+    size_t j = 0;  // grad_x holds the wanted gradients only
     for (int64_t i = 0; i < G * K; ++i) {
-      if (need_x[i]) out[1 + i] = grad_x[i];
+      if (need_x[i]) out[1 + i] = grad_x[j++];
     }
     return out;
   }

@@ -137,24 +137,36 @@ void check_weights(const at::Tensor& weights, const char* name) {
 
 } // namespace
 
-void check_inputs(at::TensorList inputs, const std::string& inputs_name) {
+namespace {
+
+// "inputs" for a single op, "groups[g]" for group g of a grouped op: built
+// only for a message.
+std::string inputs_name(int64_t group) {
+  return group < 0 ? "inputs" : "groups[" + std::to_string(group) + "]";
+}
+
+} // namespace
+
+void check_inputs(at::TensorList inputs, int64_t group) {
   if (inputs.empty()) fail(Error::no_inputs, {});
   const at::Tensor& x0 = inputs[0];
-  if (!kernel_dtype(x0.scalar_type())) fail(Error::input_dtype, {{"inputs", inputs_name}, {"dtype", py(x0.scalar_type())}});
+  if (!kernel_dtype(x0.scalar_type())) {
+    fail(Error::input_dtype, {{"inputs", inputs_name(group)}, {"dtype", py(x0.scalar_type())}});
+  }
   for (size_t k = 1; k < inputs.size(); ++k) {
     const at::Tensor& x = inputs[k];
     if (x.scalar_type() != x0.scalar_type()) {
       fail(Error::input_dtype_mismatch,
-           {{"inputs", inputs_name}, {"k", std::to_string(k)}, {"dtype", py(x.scalar_type())},
+           {{"inputs", inputs_name(group)}, {"k", std::to_string(k)}, {"dtype", py(x.scalar_type())},
             {"dtype0", py(x0.scalar_type())}});
     }
     if (!x.sizes().equals(x0.sizes())) {
       fail(Error::input_shape_mismatch,
-           {{"inputs", inputs_name}, {"k", std::to_string(k)}, {"shape", py(x.sizes())}, {"shape0", py(x0.sizes())}});
+           {{"inputs", inputs_name(group)}, {"k", std::to_string(k)}, {"shape", py(x.sizes())}, {"shape0", py(x0.sizes())}});
     }
     if (x.device() != x0.device()) {
       fail(Error::input_device_mismatch,
-           {{"inputs", inputs_name}, {"k", std::to_string(k)}, {"device", py(x.device())},
+           {{"inputs", inputs_name(group)}, {"k", std::to_string(k)}, {"device", py(x.device())},
             {"device0", py(x0.device())}});
     }
   }
@@ -168,7 +180,7 @@ void check_args(const at::Tensor& weights, at::TensorList inputs, const char* na
     fail(Error::weights_k,
          {{"name", name}, {"n", std::to_string(weights.size(-1))}, {"inputs", "inputs"}, {"K", std::to_string(K)}});
   }
-  check_inputs(inputs, "inputs");
+  check_inputs(inputs, -1);
   const at::Tensor& x0 = inputs[0];
   check_prefix(weights, name, x0.sizes(), "inputs[0]");
   if (weights.device() != x0.device()) {
@@ -192,12 +204,11 @@ void check_grouped_args(const at::Tensor& weights, at::TensorList inputs, const 
   }
   if (G > 0 && K == 0) fail(Error::no_inputs, {});
   for (int64_t g = 0; g < G; ++g) {
-    const std::string group = "groups[" + std::to_string(g) + "]";
     const at::TensorList xs = inputs.slice(g * K, K);
-    check_inputs(xs, group);
+    check_inputs(xs, g);
     if (weights.device() != xs[0].device()) {
       fail(Error::weights_device,
-           {{"name", name}, {"device", py(weights.device())}, {"other", group + "[0]"},
+           {{"name", name}, {"device", py(weights.device())}, {"other", inputs_name(g) + "[0]"},
             {"other_device", py(xs[0].device())}});
     }
   }
@@ -211,16 +222,21 @@ void check_temperature(double temperature) {
 
 namespace {
 
-void check_grad(const at::Tensor& grad, at::TensorList inputs, const std::string& grad_name,
-                const std::string& inputs_name) {
+// "grad" for a single op, "grads[g]" for group g of a grouped op.
+std::string grad_name(int64_t group) {
+  return group < 0 ? "grad" : "grads[" + std::to_string(group) + "]";
+}
+
+void check_grad(const at::Tensor& grad, at::TensorList inputs, int64_t group) {
   const at::Tensor& x0 = inputs[0];
   if (!grad.sizes().equals(x0.sizes())) {
     fail(Error::grad_shape_mismatch,
-         {{"grad", grad_name}, {"shape", py(grad.sizes())}, {"inputs", inputs_name}, {"shape0", py(x0.sizes())}});
+         {{"grad", grad_name(group)}, {"shape", py(grad.sizes())}, {"inputs", inputs_name(group)},
+          {"shape0", py(x0.sizes())}});
   }
   if (grad.scalar_type() != x0.scalar_type()) {
     fail(Error::grad_dtype_mismatch,
-         {{"grad", grad_name}, {"dtype", py(grad.scalar_type())}, {"inputs", inputs_name},
+         {{"grad", grad_name(group)}, {"dtype", py(grad.scalar_type())}, {"inputs", inputs_name(group)},
           {"dtype0", py(x0.scalar_type())}});
   }
 }
@@ -247,7 +263,7 @@ void check_backward_args(
   }
   if (weights_requires_grad) {
     check_args(weights, inputs, "weights");
-    check_grad(grad, inputs, "grad", "inputs");
+    check_grad(grad, inputs, -1);
   }
 }
 
@@ -268,21 +284,19 @@ void check_grouped_backward_args(
           {"GK", std::to_string(G * K)}});
   }
   for (int64_t g = 0; g < G; ++g) {
-    const std::string name = "grads[" + std::to_string(g) + "]";
     if (!kernel_dtype(grads[g].scalar_type())) {
-      fail(Error::grad_dtype, {{"grad", name}, {"dtype", py(grads[g].scalar_type())}});
+      fail(Error::grad_dtype, {{"grad", grad_name(g)}, {"dtype", py(grads[g].scalar_type())}});
     }
     if (weights.device() != grads[g].device()) {
       fail(Error::weights_device,
-           {{"name", "weights"}, {"device", py(weights.device())}, {"other", name},
+           {{"name", "weights"}, {"device", py(weights.device())}, {"other", grad_name(g)},
             {"other_device", py(grads[g].device())}});
     }
   }
   if (weights_requires_grad) {
     check_grouped_args(weights, inputs, "weights");
     for (int64_t g = 0; g < G; ++g) {
-      check_grad(grads[g], inputs.slice(g * K, K), "grads[" + std::to_string(g) + "]",
-                 "groups[" + std::to_string(g) + "]");
+      check_grad(grads[g], inputs.slice(g * K, K), g);
     }
   }
 }

@@ -14,9 +14,9 @@ namespace simplex_param {
 // one shape, dtype and device.
 void check_args(const at::Tensor& weights, at::TensorList inputs, const char* name);
 
-// K >= 1 inputs of one kernel dtype, shape and device, called
-// `inputs_name`[k] in messages.
-void check_inputs(at::TensorList inputs, const std::string& inputs_name);
+// K >= 1 inputs of one kernel dtype, shape and device, called inputs[k] in
+// messages, or groups[group][k] for a group of a grouped op (group >= 0).
+void check_inputs(at::TensorList inputs, int64_t group);
 
 // A grouped op's `weights` (G, K) against its G * K flat inputs, where
 // inputs[g * K + k] is groups[g][k] (so named in messages).

@@ -208,8 +208,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward(
     bool any = weights_requires_grad;
     for (int64_t k = 0; k < K; ++k) {
       const bool need = inputs_requires_grad[g * K + k];
-      grad_inputs.push_back(
-          need ? at::empty_strided(grad.sizes(), strides, grad.options()) : at::empty({0}, grad.options()));
+      if (need) grad_inputs.push_back(at::empty_strided(grad.sizes(), strides, grad.options()));
       c.grad_x.push_back(need ? grad_inputs.back().mutable_data_ptr() : nullptr);
       any = any || need;
     }

@@ -162,6 +162,14 @@ at::Tensor call_simplex_weighted_sum(
   return op.call(logits, inputs, map, temperature);
 }
 
+std::vector<at::Tensor> call_grouped_simplex_weighted_sum(
+    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::grouped_simplex_weighted_sum", "")
+      .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, c10::string_view, double)>();
+  return op.call(logits, inputs, map, temperature);
+}
+
 // Without autograd (inference mode, or below the Autograd kernel of
 // autograd.cpp), on every backend.
 TORCH_LIBRARY_IMPL(simplex_param, CompositeExplicitAutograd, m) {

@@ -10,6 +10,7 @@
 #include <c10/util/string_view.h>
 
 #include <utility>
+#include <vector>
 
 namespace simplex_param {
 
@@ -29,6 +30,10 @@ const SimplexMap& find_map(c10::string_view name);
 
 // simplex_weighted_sum through the dispatcher (autograd and every backend).
 at::Tensor call_simplex_weighted_sum(
+    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature);
+
+// grouped_simplex_weighted_sum through the dispatcher.
+std::vector<at::Tensor> call_grouped_simplex_weighted_sum(
     const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature);
 
 // The forward of simplex_weighted_sum: the checks, then the weights

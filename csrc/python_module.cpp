@@ -29,6 +29,11 @@ std::vector<at::Tensor> grouped_weighted_sum(const at::Tensor& weights, const st
   return simplex_param::call_grouped_weighted_sum(weights, inputs);
 }
 
+std::vector<at::Tensor> grouped_simplex_weighted_sum(
+    const at::Tensor& logits, const std::vector<at::Tensor>& inputs, const std::string& map, double temperature) {
+  return simplex_param::call_grouped_simplex_weighted_sum(logits, inputs, map, temperature);
+}
+
 } // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -36,4 +41,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("weighted_sum", &weighted_sum, py::call_guard<py::gil_scoped_release>());
   m.def("simplex_weighted_sum", &simplex_weighted_sum, py::call_guard<py::gil_scoped_release>());
   m.def("grouped_weighted_sum", &grouped_weighted_sum, py::call_guard<py::gil_scoped_release>());
+  m.def("grouped_simplex_weighted_sum", &grouped_simplex_weighted_sum, py::call_guard<py::gil_scoped_release>());
 }

@@ -37,7 +37,8 @@ TORCH_LIBRARY(simplex_param, m) {
   // input k of group g. One output per group.
   m.def("grouped_weighted_sum(Tensor weights, Tensor[] inputs) -> Tensor[]");
   // `inputs` may be empty when the weights need no gradient; one entry of
-  // `inputs_requires_grad` per input, and gradients not asked for are empty.
+  // `inputs_requires_grad` per input, and one gradient returned per True
+  // entry, in order (a frozen input costs nothing, not even an empty tensor).
   m.def(
       "_grouped_weighted_sum_backward(Tensor[] grads, Tensor weights, Tensor[] inputs, "
       "bool weights_requires_grad, bool[] inputs_requires_grad) -> (Tensor, Tensor[])");

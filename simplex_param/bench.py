@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from . import bench_grouped, reference
+from .bench_grouped import GROUPED_CONTENDERS, GROUPED_SETS
 from ._ext import extension_loaded
 from .ops import softmax_weighted_sum
 
@@ -363,9 +364,9 @@ def _no_grad(step):
 
 
 def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, contenders=CONTENDERS,
-        repeats=15, device="cpu", target_s=0.01, log=None):
+        repeats=15, device="cpu", target_s=0.01, log=None, grouped_contenders=GROUPED_CONTENDERS):
     """Runs the benchmark; returns the JSON-ready report. `cases` names cases
-    of CASES and possibly "overhead" (default: all of them)."""
+    of CASES, "overhead", "search-cell" and the grouped sets (default: all of them)."""
     device = torch.device(device)
     selected = [c for c in CASES if cases is None or c.name in cases]
     report = {"machine": machine_info(device), "repeats": repeats, "results": []}
@@ -381,6 +382,15 @@ def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, conte
         report[OVERHEAD] = run_overhead(contenders, repeats, device, target_s, log)
     if cases is None or SEARCH in cases:
         report[SEARCH] = run_search(repeats, device, target_s, log)
+    grouped = [name for name in GROUPED_SETS if cases is None or name in cases]
+    if grouped and log:
+        log(bench_grouped.header())
+    report["grouped"] = [
+        bench_grouped.run_grouped(name, DTYPES[dt], mode, tuple(grouped_contenders), repeats, device, target_s, log)
+        for name in grouped
+        for dt in dtypes
+        for mode in modes
+    ]
     return report
 
 
@@ -483,9 +493,11 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=None, help="samples per median (default 15, quick 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
-    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES] + [OVERHEAD, SEARCH],
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES] + [OVERHEAD, SEARCH, *GROUPED_SETS],
                         help="run only these cases")
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, help="run only these contenders")
+    parser.add_argument("--grouped-contenders", nargs="+", choices=GROUPED_CONTENDERS,
+                        help="contenders of the grouped sets (default: all; compile not on the many-small set)")
     return parser
 
 
@@ -517,6 +529,7 @@ def run(args) -> int:
         device=args.device,
         target_s=0.003 if args.quick else 0.01,
         log=lambda line: print(line, flush=True),
+        grouped_contenders=tuple(args.grouped_contenders or GROUPED_CONTENDERS),
     )
     if report["results"]:
         print()

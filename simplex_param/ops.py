@@ -7,6 +7,7 @@ pure-PyTorch reference (:mod:`simplex_param.reference`). Autograd of the
 compiled ops lives in C++ (``csrc/autograd.cpp``); their fake kernels, for
 ``torch.compile``, are registered here.
 """
+import itertools
 import math
 from collections.abc import Iterable
 
@@ -214,6 +215,12 @@ def _flatten_groups(weights, groups, name: str) -> list:
     G, K = weights.shape
     if len(groups) != G:
         raise ValueError(f"{name} has shape {list(weights.shape)}, one row per group, but groups has {len(groups)} groups")
+    # The common case, lists or tuples of K tensors, in one pass: many small
+    # groups (a model soup's) make this loop part of the host cost.
+    if all(type(group) in (list, tuple) and len(group) == K for group in groups):
+        flat = list(itertools.chain.from_iterable(groups))
+        if all(isinstance(x, Tensor) for x in flat):
+            return flat
     flat = []
     for g, group in enumerate(groups):
         if isinstance(group, Tensor):
@@ -283,6 +290,8 @@ def grouped_simplex_weighted_sum(logits: Tensor, groups, *, map: str = "softmax"
             logits = logits / temperature
             temperature = 1.0
     if _use_compiled(logits, flat):
+        if _fast_call(logits, flat):
+            return _ext.MODULE.grouped_simplex_weighted_sum(logits, flat, map, temperature)
         return torch.ops.simplex_param.grouped_simplex_weighted_sum.default(logits, flat, map, temperature)
     checks.check_grouped_args(logits, flat, "logits")
     return reference.grouped_simplex_weighted_sum(logits, flat, map, temperature)
@@ -376,8 +385,8 @@ def _fake_grouped_weighted_sum_backward(grads, weights, inputs, weights_requires
     grad_inputs = []
     for g, grad in enumerate(grads):
         strides = _walk_strides([grad, *(inputs[g * K:(g + 1) * K] if weights_requires_grad else ())], 0)
-        grad_inputs += [grad.new_empty_strided(grad.shape, strides) if need else grad.new_empty(0)
-                        for need in inputs_requires_grad[g * K:(g + 1) * K]]
+        grad_inputs += [grad.new_empty_strided(grad.shape, strides)
+                        for need in inputs_requires_grad[g * K:(g + 1) * K] if need]
     return weights.new_empty(weights.shape if weights_requires_grad else (0,)), grad_inputs
 
 

@@ -3,8 +3,10 @@
 No timing assertions: speed is measured by the benchmark, not tested.
 """
 import json
+import math
 
 import pytest
+import torch
 
 from simplex_param import bench
 
@@ -104,3 +106,19 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(SystemExit, match="--plot needs matplotlib"):
         bench.main(["--quick", "--plot", str(tmp_path / "b.png")])
+
+
+def test_grouped_sets_and_one_grouped_run():
+    from simplex_param import bench_grouped
+
+    shapes = bench_grouped.resnet18_shapes()
+    assert len(shapes) == 62
+    assert 11.6e6 < sum(math.prod(s) for s in shapes) < 11.8e6  # ResNet-18: 11.69M parameters
+    small = bench_grouped.many_small_shapes()
+    assert len(small) == 500 and all(1 <= s[0] <= 2**16 for s in small)
+    r = bench_grouped.run_grouped("grouped-many-small", torch.float32, "fwd+bwd", ("grouped", "loop", "foreach"),
+                                  repeats=1, device=torch.device("cpu"), target_s=0.001)
+    assert r["G"] == 500 and r["K"] == 8 and set(r["contenders"]) == {"grouped", "loop", "foreach"}
+    assert r["moved_bytes"] == 2 * 9 * r["numel"] * 4
+    for entry in r["contenders"].values():
+        assert entry["time_s"] > 0 and entry["peak_mixed"] > 0
