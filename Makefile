@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-stamp
 BUILT := $(VENV)/.built-stamp
-SOURCES := setup.py simplex_param/errors.def $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py simplex_param/errors.def $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
 .PHONY: setup demo test test-compiled test-fallback bench clean

@@ -42,7 +42,9 @@ def extensions():
     # at::parallel_for is an inline OpenMP loop: without -fopenmp the kernels
     # would run on one thread. No -std flag: torch adds the one its headers need.
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-    kwargs = dict(extra_compile_args={"cxx": cxx + openmp}, extra_link_args=openmp)
+    # No a * b + c contracted to a fused multiply-add: the kernels built for
+    # each instruction set (csrc/cpu/isa_*.cpp) must round alike.
+    kwargs = dict(extra_compile_args={"cxx": cxx + ["-ffp-contract=off"] + openmp}, extra_link_args=openmp)
     if _with_cuda(cuda_sources):
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo"]
         return [CUDAExtension("simplex_param._C", sources + cuda_sources, **kwargs)]

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "contraction.h"
+#include "cpu/tiles.h"
 #include "maps.h"
 
 namespace {
@@ -41,5 +42,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("weighted_sum", &weighted_sum, py::call_guard<py::gil_scoped_release>());
   m.def("simplex_weighted_sum", &simplex_weighted_sum, py::call_guard<py::gil_scoped_release>());
   m.def("grouped_weighted_sum", &grouped_weighted_sum, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_capability", &simplex_param::cpu::active_capability,
+        "The instruction set of the CPU kernels: default, avx2, avx512 or avx512_bf16.");
+  m.def("cpu_capabilities", &simplex_param::cpu::supported_capabilities,
+        "The instruction sets this CPU can run the kernels on.");
   m.def("grouped_simplex_weighted_sum", &grouped_simplex_weighted_sum, py::call_guard<py::gil_scoped_release>());
 }

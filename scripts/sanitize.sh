@@ -23,7 +23,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 
 # cpp_extension.load also loads what it builds, hence the preload; the
 # compiler it runs must not inherit it.
-FLAGS='["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-fopenmp"]'
+FLAGS='["-O1", "-g", "-ffp-contract=off", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-fopenmp"]'
 LD_PRELOAD="$ASAN_LIB" "$PY" - <<PYEOF
 import glob, os
 os.environ.pop("LD_PRELOAD")

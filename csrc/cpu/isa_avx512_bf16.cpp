@@ -1,0 +1,29 @@
+// The CPU kernels (kernels.h) built for the instruction set avx512_bf16.
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#include <immintrin.h>
+
+#include "tiles.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+#define SP_ISA avx512_bf16
+#define SP_NATIVE_BF16 1
+#include "kernels.h"
+#pragma GCC pop_options
+
+simplex_param::cpu::IsaKernels simplex_param::cpu::avx512_bf16_kernels() {
+  return SIMPLEX_PARAM_ISA_KERNELS(simplex_param::cpu::avx512_bf16, "avx512_bf16");
+}
+#else
+simplex_param::cpu::IsaKernels simplex_param::cpu::avx512_bf16_kernels() {
+  return {nullptr, {}, {}};  // not an x86-64 build
+}
+#endif

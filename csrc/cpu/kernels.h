@@ -1,0 +1,247 @@
+// The CPU kernels of the contraction, for one instruction set: this header
+// is compiled once per instruction set (isa_*.cpp), each time inside its own
+// `#pragma GCC target` region and namespace SP_ISA, as ATen builds its CPU
+// kernels once per capability. The code is plain C++ that the compiler
+// vectorises for the target; only the native bfloat16 stores (SP_NATIVE_BF16)
+// use intrinsics.
+//
+// A segment (the part of one row in a tile, at most kBlock elements) is done
+// with its accumulator on the stack (L1): the forward reads each input once
+// and writes the output once; the backward reads the gradient and each input
+// once and writes each wanted input gradient once.
+//
+// Bitwise the same on every instruction set: no contraction of a * b + c
+// (-ffp-contract=off), the forward sums inputs in k order, a dot product is
+// kLanes partial sums added pairwise, and bfloat16 is rounded to nearest
+// even with NaN made quiet, as c10::BFloat16 does (the native conversion,
+// which flushes subnormals and keeps NaN payloads, is patched where they
+// occur). Tiles depend on the shapes only, so the thread count does not
+// change the bits either.
+
+namespace simplex_param {
+namespace cpu {
+namespace SP_ISA {
+
+#if defined(__GNUC__)
+#define SP_INLINE inline __attribute__((always_inline))
+#else
+#define SP_INLINE inline
+#endif
+
+// Element conversions to and from the accumulation type. bfloat16 is done on
+// the bits, which vectorises.
+template <typename T>
+SP_INLINE auto load(const T* p, int64_t i) {
+  return static_cast<at::opmath_type<T>>(p[i]);
+}
+template <>
+SP_INLINE auto load(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i].x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T, typename A>
+SP_INLINE void store(T* p, int64_t i, A v) {
+  p[i] = static_cast<T>(v);
+}
+template <>
+SP_INLINE void store(c10::BFloat16* p, int64_t i, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  p[i].x = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+}
+
+// dst[i] = src[i] converted, for i < len.
+template <typename T, typename A>
+SP_INLINE void store_run(T* dst, const A* src, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) store(dst, i, src[i]);
+}
+
+#if SP_NATIVE_BF16
+// vcvtneps2bf16, 16 lanes at a time. It flushes subnormal inputs to zero
+// and keeps NaN payloads; lanes holding either take the rounding above.
+template <>
+SP_INLINE void store_run(c10::BFloat16* dst, const float* src, int64_t len) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i inf = _mm512_set1_epi32(0x7F800000);
+  const __m512i min_normal = _mm512_set1_epi32(0x00800000);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    const __m512i a = _mm512_and_si512(_mm512_castps_si512(v), abs_mask);
+    const __mmask16 special = _mm512_cmpgt_epu32_mask(a, inf) |
+        (_mm512_cmplt_epu32_mask(a, min_normal) & _mm512_test_epi32_mask(a, a));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    if (special) {
+      for (int j = 0; j < 16; ++j) {
+        if (special & (1u << j)) store(dst, i + j, src[i + j]);
+      }
+    }
+  }
+  for (; i < len; ++i) store(dst, i, src[i]);
+}
+#endif
+
+#ifndef SP_STREAMS
+#define SP_STREAMS 4
+#endif
+constexpr int kStreams = SP_STREAMS;
+
+// acc (+)= sum over r < R of w[r] * x[r][start + i], for i < len: R input
+// streams advance together.
+template <int R, bool First, typename scalar_t, typename acc_t>
+SP_INLINE void accumulate(acc_t* acc, const scalar_t* const* xs, const acc_t* w, int64_t start, int64_t len) {
+  const scalar_t* x[R];
+  acc_t wr[R];
+  for (int r = 0; r < R; ++r) {
+    x[r] = xs[r] + start;
+    wr[r] = w[r];
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    acc_t a = First ? wr[0] * load(x[0], i) : acc[i] + wr[0] * load(x[0], i);
+    for (int r = 1; r < R; ++r) a = a + wr[r] * load(x[r], i);
+    acc[i] = a;
+  }
+}
+
+template <bool First, typename scalar_t, typename acc_t>
+SP_INLINE void accumulate_n(int n, acc_t* acc, const scalar_t* const* x, const acc_t* w, int64_t start, int64_t len) {
+  switch (n) {
+    case 8: accumulate<8, First>(acc, x, w, start, len); break;
+    case 7: accumulate<7, First>(acc, x, w, start, len); break;
+    case 6: accumulate<6, First>(acc, x, w, start, len); break;
+    case 5: accumulate<5, First>(acc, x, w, start, len); break;
+    case 4: accumulate<4, First>(acc, x, w, start, len); break;
+    case 3: accumulate<3, First>(acc, x, w, start, len); break;
+    case 2: accumulate<2, First>(acc, x, w, start, len); break;
+    default: accumulate<1, First>(acc, x, w, start, len);
+  }
+}
+
+// out[start, start + len) = sum_k w[k] * xs[k][...], over the inputs whose
+// weight is not 0 (the others are not read), four input streams per pass
+// over the accumulator (docs/benchmarks.md). The sum runs in k order.
+template <typename scalar_t, typename acc_t>
+SP_INLINE void forward_segment(
+    const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t start, int64_t len) {
+  alignas(64) acc_t acc[kBlock];
+  const scalar_t* live_x[kStreams];
+  acc_t live_w[kStreams];
+  int n = 0;
+  bool first = true;
+  for (int64_t k = 0; k < K; ++k) {
+    if (w[k] == acc_t(0)) continue;
+    live_x[n] = xs[k];
+    live_w[n] = w[k];
+    if (++n == kStreams) {
+      first ? accumulate_n<true>(n, acc, live_x, live_w, start, len)
+            : accumulate_n<false>(n, acc, live_x, live_w, start, len);
+      first = false;
+      n = 0;
+    }
+  }
+  if (n > 0) {
+    first ? accumulate_n<true>(n, acc, live_x, live_w, start, len)
+          : accumulate_n<false>(n, acc, live_x, live_w, start, len);
+    first = false;
+  }
+  if (first) {  // every weight of the row is 0
+    for (int64_t i = 0; i < len; ++i) acc[i] = acc_t(0);
+  }
+  store_run(out + start, acc, len);
+}
+
+// <g, x> over len elements: kLanes partial sums, added pairwise.
+template <typename scalar_t, typename acc_t>
+SP_INLINE acc_t dot(const acc_t* g, const scalar_t* x, int64_t len) {
+  acc_t s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) s[j] = s[j] + g[i + j] * load(x, i + j);
+  }
+  for (int j = 0; i < len; ++i, ++j) s[j] = s[j] + g[i] * load(x, i);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) s[j] = s[j] + s[j + width];
+  }
+  return s[0];
+}
+
+// On [start, start + len): dxs[k] = w[k] * grad where dxs[k] is not null,
+// and, when dots is not null, dots[k] = <grad, xs[k]>; with skip_zero,
+// dots[k] = 0 where w[k] is 0, and xs[k] is not read.
+template <typename scalar_t, typename acc_t>
+SP_INLINE void backward_segment(
+    const scalar_t* grad, const scalar_t* const* xs, const acc_t* w, int64_t K,
+    scalar_t* const* dxs, acc_t* dots, bool skip_zero, int64_t start, int64_t len) {
+  alignas(64) acc_t g[kBlock];
+  for (int64_t i = 0; i < len; ++i) g[i] = load(grad + start, i);
+  for (int64_t k = 0; k < K; ++k) {
+    if (dxs[k] != nullptr) {
+      scalar_t* dx = dxs[k] + start;
+      const acc_t wk = w[k];
+      if (wk == acc_t(0)) {  // exactly 0, also where grad holds inf or NaN
+        for (int64_t i = 0; i < len; ++i) store(dx, i, acc_t(0));
+      } else if constexpr (SP_NATIVE_BF16 && std::is_same_v<scalar_t, c10::BFloat16>) {
+        alignas(64) acc_t t[kBlock];
+        for (int64_t i = 0; i < len; ++i) t[i] = wk * g[i];
+        store_run(dx, t, len);
+      } else {
+        for (int64_t i = 0; i < len; ++i) store(dx, i, wk * g[i]);
+      }
+    }
+    if (dots != nullptr) {
+      dots[k] = skip_zero && w[k] == acc_t(0) ? acc_t(0) : dot(g, xs[k] + start, len);
+    }
+  }
+}
+
+// The typed view of a Contraction.
+template <typename scalar_t, typename acc_t>
+struct Operands {
+  std::vector<const scalar_t*> x;
+  std::vector<scalar_t*> grad_x;
+  const acc_t* w;
+
+  explicit Operands(const Contraction& c) : w(static_cast<const acc_t*>(c.w)) {
+    for (const void* p : c.x) x.push_back(static_cast<const scalar_t*>(p));
+    for (void* p : c.grad_x) grad_x.push_back(static_cast<scalar_t*>(p));
+  }
+};
+
+template <typename scalar_t>
+void forward_tiles(const Contraction& c, const Tiles& tiles, int64_t t0, int64_t t1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Operands<scalar_t, acc_t> ops(c);
+  scalar_t* out = static_cast<scalar_t*>(c.out);
+  for (int64_t t = t0; t < t1; ++t) {
+    tiles.for_each_segment(t, [&](int64_t row, int64_t, int64_t start, int64_t len) {
+      forward_segment(ops.x.data(), ops.w + row * c.K, c.K, out, start, len);
+    });
+  }
+}
+
+template <typename scalar_t>
+void backward_tiles(const Contraction& c, const Tiles& tiles, void* partials_, int64_t t0, int64_t t1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Operands<scalar_t, acc_t> ops(c);
+  const scalar_t* grad = static_cast<const scalar_t*>(c.grad);
+  acc_t* grad_w = static_cast<acc_t*>(c.grad_w);
+  acc_t* partials = static_cast<acc_t*>(partials_);
+  for (int64_t t = t0; t < t1; ++t) {
+    tiles.for_each_segment(t, [&](int64_t row, int64_t piece, int64_t start, int64_t len) {
+      acc_t* dots = grad_w == nullptr ? nullptr
+          : tiles.pieces == 1         ? grad_w + row * c.K
+                                      : partials + (row * tiles.pieces + piece) * c.K;
+      backward_segment(
+          grad, ops.x.data(), ops.w + row * c.K, c.K, ops.grad_x.data(), dots, c.skip_zero_weights, start, len);
+    });
+  }
+}
+
+#undef SP_INLINE
+
+} // namespace SP_ISA
+} // namespace cpu
+} // namespace simplex_param

@@ -1,0 +1,91 @@
+"""The CPU kernels' instruction-set paths, each forced through
+SIMPLEX_PARAM_CPU_CAPABILITY in a fresh process: every path this CPU runs
+gives bitwise the same outputs and gradients, and the forward equals the
+reference bit for bit, bfloat16 rounding included (subnormal results and
+NaN, where the native conversion differs from c10's, are patched)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import simplex_param as sp
+from simplex_param import _ext
+
+pytestmark = pytest.mark.skipif(not sp.extension_loaded(), reason="the compiled CPU kernels")
+
+CAPABILITIES = ["default", "avx2", "avx512", "avx512_bf16"]
+
+SCRIPT = r"""
+import hashlib, torch, simplex_param as sp
+from simplex_param import _ext, reference
+
+def bits(t):
+    t = t.detach().contiguous()
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32 if t.element_size() == 4 else torch.int64)
+
+gen = torch.Generator().manual_seed(0)
+digest = hashlib.sha256()
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    for shape, rows in (((3000,), 0), ((7, 33, 5), 1), ((4, 5000), 1), ((2, 3, 4), 3), ((37,), 0)):
+        xs = [(10 * torch.randn(shape, generator=gen)).to(dtype) for _ in range(5)]
+        flat = xs[0].view(-1)
+        flat[:3] = torch.tensor([float("nan"), -float("nan"), float("inf")]).to(dtype)
+        if dtype in (torch.float32, torch.bfloat16):  # results below the smallest normal number
+            for x in xs:
+                x.view(-1)[3:20] = torch.full((17,), 3e-39).to(dtype)
+        xs = [x.requires_grad_() for x in xs]
+        logits = torch.randn(*shape[:rows], 5, generator=gen).requires_grad_()
+        out = sp.softmax_weighted_sum(logits, xs)
+        w = torch.softmax(logits.detach().to(reference.acc_dtype(dtype)), -1)
+        ref = reference.weighted_sum(w, [x.detach() for x in xs])
+        # The same bits, NaN aside: torch's own bfloat16 NaN differs between
+        # its scalar (0x7FC0, the kernels') and vector conversions (0xFFFF).
+        nan = out.isnan()
+        assert torch.equal(nan, ref.isnan()), (dtype, shape)
+        assert torch.equal(bits(out)[~nan], bits(ref)[~nan]), (dtype, shape)
+        grads = torch.autograd.grad(out, [logits, *xs], torch.randn(shape, generator=gen).to(dtype))
+        for t in (out, *grads):
+            digest.update(bits(t).numpy().tobytes())
+print(_ext.MODULE.cpu_capability(), digest.hexdigest())
+"""
+
+
+def run(capability):
+    env = dict(os.environ, SIMPLEX_PARAM_CPU_CAPABILITY=capability)
+    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_every_path_gives_the_same_bits():
+    supported = _ext.MODULE.cpu_capabilities()
+    assert supported[0] == "default" and set(supported) <= set(CAPABILITIES)
+    results = {}
+    for capability in CAPABILITIES:
+        if capability not in supported:
+            continue
+        proc = run(capability)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        name, digest = proc.stdout.split()
+        assert name == capability
+        results[name] = digest
+    assert len(set(results.values())) == 1, results
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_each_path_or_skip(capability):
+    if capability not in _ext.MODULE.cpu_capabilities():
+        pytest.skip(f"this CPU does not run {capability}")
+    proc = run(capability)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[0] == capability
+
+
+def test_best_path_by_default_and_a_clear_error_for_an_unknown_one():
+    env = {k: v for k, v in os.environ.items() if k != "SIMPLEX_PARAM_CPU_CAPABILITY"}
+    code = "from simplex_param import _ext; print(_ext.MODULE.cpu_capability(), _ext.MODULE.cpu_capabilities()[-1])"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    active, best = proc.stdout.split()
+    assert active == best
+    proc = run("sse9")
+    assert proc.returncode != 0
+    assert "SIMPLEX_PARAM_CPU_CAPABILITY=sse9 is not an instruction set this CPU runs" in proc.stderr
