@@ -97,9 +97,9 @@ class LearnedSoup(nn.Module):
             module (BatchNorm's weight), else the mean of the rows; integer
             buffers (``num_batches_tracked``) come from the first member. An
             int ``k``: every buffer is taken from member ``k``, unmixed.
-            In train mode a BatchNorm uses the batch's statistics; its
-            updates of the mixed running statistics are dropped at the next
-            forward, which mixes them again.
+            In train mode a BatchNorm uses the batch's statistics, and its
+            updates of the buffers are dropped: each forward gets fresh
+            mixes and copies.
 
     Example::
 
@@ -198,7 +198,6 @@ class LearnedSoup(nn.Module):
 
         self.num_members = K
         self.granularity = granularity
-        self.temperature = float(temperature)
         self.map = _check_map(map)
         rows = len(params) if granularity == "tensor" else 1
         self.weight = nn.Parameter(torch.zeros(rows, K))
@@ -208,6 +207,12 @@ class LearnedSoup(nn.Module):
     def _store(t: Tensor, dtype) -> Tensor:
         t = t.detach()
         return t if dtype is None else t.to(dtype)
+
+    @property
+    def temperature(self) -> float:
+        """The map's temperature (that of the ``Simplex`` on ``weight``, which
+        :func:`~simplex_param.set_temperature` changes)."""
+        return float(self.parametrizations.weight[0].temperature)
 
     @property
     def mixed_names(self) -> list:
@@ -239,7 +244,9 @@ class LearnedSoup(nn.Module):
         if self._buffer_rows:
             rows = torch.cat([w, w.mean(0, keepdim=True)]).detach()
             w = torch.cat([w, rows[self._buffer_rows]])
-        tensors = dict(self._fixed)
+        # In train mode a module may update buffers in place (BatchNorm's
+        # num_batches_tracked): it gets copies, so the soup's stay as loaded.
+        tensors = {key: t.clone() for key, t in self._fixed.items()} if self.training else dict(self._fixed)
         outs = ops.grouped_weighted_sum(w, self._members)
         for g, (key, out) in enumerate(zip(self._mixed_keys, outs)):
             out = out if g < len(self._param_keys) else out.detach()  # buffers: no gradient

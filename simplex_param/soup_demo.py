@@ -88,9 +88,11 @@ def make_members(args):
 
 
 def _recipe_step(members, template, alpha, x, y):
-    """One training step of the model-soups recipe (learned_bylayer.py)."""
+    """One training step of the model-soups recipe (learned_bylayer.py), with
+    the members frozen as in the soup (the recipe's own members require
+    grad, which would add a gradient per member tensor)."""
     names = [n for n, _ in template.named_parameters()]
-    paramslist = [tuple(m.parameters()) for m in members]
+    paramslist = [tuple(p.detach() for p in m.parameters()) for m in members]
     params = tuple(sum(pi * ai for pi, ai in zip(p, alpha[j].softmax(-1))) for j, p in enumerate(zip(*paramslist)))
     out = torch.func.functional_call(template, dict(zip(names, params)), (x,))
     nn.functional.cross_entropy(out, y).backward()

@@ -187,3 +187,18 @@ ERRORS = [
 def test_errors(make, kind, message):
     with pytest.raises(kind, match=re.escape(message)):
         make()
+
+
+def test_train_mode_leaves_the_buffers_as_loaded_and_temperature_follows_set_temperature():
+    members = trained_members(2)
+    soup = sp.LearnedSoup(members, buffers=1)
+    before = {k: v.clone() for k, v in soup.merged_state_dict().items()}
+    soup.train()
+    for _ in range(3):
+        soup(torch.randn(8, 4) + 3)
+    after = soup.merged_state_dict()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert torch.equal(after["1.running_mean"], members[1][1].running_mean)
+    sp.set_temperature(soup, 0.5)
+    assert soup.temperature == 0.5 and "temperature=0.5" in repr(soup)
