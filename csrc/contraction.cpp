@@ -6,6 +6,10 @@
 #include "checks.h"
 #include "layout.h"
 
+#include <unistd.h>
+
+#include <cstdlib>
+
 namespace simplex_param {
 namespace {
 
@@ -37,6 +41,20 @@ struct WeightRows {
 
 } // namespace
 
+bool beyond_cache(size_t bytes) {
+  // The last-level cache's size; SIMPLEX_PARAM_STREAM_BYTES overrides it
+  // (the tests set 0 to run every store through the non-temporal path).
+  static const size_t limit = [] {
+    if (const char* env = std::getenv("SIMPLEX_PARAM_STREAM_BYTES")) return static_cast<size_t>(std::atoll(env));
+    long size = -1;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    size = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return size > 0 ? static_cast<size_t>(size) : size_t{32} << 20;
+  }();
+  return bytes > limit;
+}
+
 at::Tensor call_weighted_sum(const at::Tensor& weights, at::TensorList inputs) {
   static const auto op = c10::Dispatcher::singleton()
       .findSchemaOrThrow("simplex_param::weighted_sum", "")
@@ -51,7 +69,7 @@ at::Tensor weighted_sum_forward(const at::Tensor& weights, at::TensorList inputs
   std::vector<at::Tensor> xs;
   xs.reserve(inputs.size());
   for (const at::Tensor& x : inputs) xs.push_back(in_layout(x, strides));
-  at::Tensor out = at::empty_strided(xs[0].sizes(), strides, xs[0].options());
+  at::Tensor out = empty_output(xs[0].sizes(), strides, xs[0].options());
   const int64_t n = out.numel();
   if (n == 0) return out;
 
@@ -65,6 +83,7 @@ at::Tensor weighted_sum_forward(const at::Tensor& weights, at::TensorList inputs
   c.w = w.const_data_ptr();
   for (const at::Tensor& x : xs) c.x.push_back(x.const_data_ptr());
   c.out = out.mutable_data_ptr();
+  c.stream_stores = beyond_cache(out.nbytes());
   kernel(c);
   return out;
 }
@@ -102,7 +121,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
   for (int64_t k = 0; k < K; ++k) {
     const bool need = inputs_requires_grad[k];
     grad_inputs.push_back(
-        need ? at::empty_strided(grad.sizes(), strides, grad.options()) : at::empty({0}, grad.options()));
+        need ? empty_output(grad.sizes(), strides, grad.options()) : at::empty({0}, grad.options()));
     c.grad_x.push_back(need ? grad_inputs.back().mutable_data_ptr() : nullptr);
     any = any || need;
   }
@@ -117,6 +136,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
   } else if (any) {
     const at::Tensor w = weights.to(acc_type(c.dtype)).contiguous();
     c.w = w.const_data_ptr();
+    size_t written = 0;
+    for (const void* p : c.grad_x) written += p == nullptr ? 0 : grad.nbytes();
+    c.stream_stores = beyond_cache(written);
     kernel(c);
   }
   at::Tensor grad_weights = weights_requires_grad
@@ -145,7 +167,7 @@ std::vector<at::Tensor> grouped_weighted_sum_forward(
   for (int64_t g = 0; g < G; ++g) {
     const at::TensorList group = inputs.slice(g * K, K);
     const std::vector<int64_t> strides = walk_strides(group, 0);
-    outs.push_back(at::empty_strided(group[0].sizes(), strides, group[0].options()));
+    outs.push_back(empty_output(group[0].sizes(), strides, group[0].options()));
     const int64_t n = outs.back().numel();
     if (n == 0) continue;
     Contraction c;
@@ -161,6 +183,9 @@ std::vector<at::Tensor> grouped_weighted_sum_forward(
     c.out = outs.back().mutable_data_ptr();
     cs.push_back(std::move(c));
   }
+  size_t written = 0;
+  for (const at::Tensor& out : outs) written += out.nbytes();
+  for (Contraction& c : cs) c.stream_stores = beyond_cache(written);
   if (!cs.empty()) kernel(cs);
   return outs;
 }
@@ -208,7 +233,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward(
     bool any = weights_requires_grad;
     for (int64_t k = 0; k < K; ++k) {
       const bool need = inputs_requires_grad[g * K + k];
-      if (need) grad_inputs.push_back(at::empty_strided(grad.sizes(), strides, grad.options()));
+      if (need) grad_inputs.push_back(empty_output(grad.sizes(), strides, grad.options()));
       c.grad_x.push_back(need ? grad_inputs.back().mutable_data_ptr() : nullptr);
       any = any || need;
     }
@@ -220,6 +245,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward(
     keep.insert(keep.end(), operands.begin(), operands.end());
     cs.push_back(std::move(c));
   }
+  size_t written = 0;
+  for (const at::Tensor& g : grad_inputs) written += g.nbytes();
+  for (Contraction& c : cs) c.stream_stores = beyond_cache(written);
   if (!cs.empty()) kernel(cs);
 
   at::Tensor grad_weights = at::empty({0}, weights.options());

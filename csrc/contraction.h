@@ -33,9 +33,15 @@ struct Contraction {
   std::vector<void*> grad_x;        // backward: K gradients, null where not wanted
   void* grad_w = nullptr;           // backward: rows x K, accumulation dtype, or null
   bool skip_zero_weights = false;   // backward: grad_w is 0 where w is, that input unread
+  bool stream_stores = false;       // CPU: outputs bigger than the last-level cache, written
+                                    // with non-temporal stores (same bits)
 };
 
 using ContractionKernel = void (*)(const Contraction&);
+
+// Whether a call writing `bytes` should bypass the CPU caches: more than the
+// last-level cache holds.
+bool beyond_cache(size_t bytes);
 // Several contractions (the groups of a grouped op), in one pass where the
 // backend can.
 using BatchKernel = void (*)(c10::ArrayRef<Contraction>);

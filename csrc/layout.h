@@ -20,4 +20,12 @@ std::vector<int64_t> walk_strides(at::TensorList tensors, int64_t row_dims);
 // unlike the others costs a copy of itself alone.
 at::Tensor in_layout(const at::Tensor& t, at::IntArrayRef strides);
 
+// An uninitialised tensor for a kernel to fill (at::empty_strided). On
+// Linux, a CPU one of 4 MiB or more is advised to use transparent huge
+// pages (madvise MADV_HUGEPAGE, as THP_MEM_ALLOC_ENABLE does for all of
+// PyTorch's allocations): fresh memory from the allocator faults on first
+// touch, and 2 MiB pages fault 512 times less often than 4 KiB ones
+// (docs/benchmarks.md, "beyond-cache").
+at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options);
+
 } // namespace simplex_param

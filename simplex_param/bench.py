@@ -22,6 +22,7 @@ of one call is measured: on CPU from the allocations recorded by
 import argparse
 import contextlib
 import gc
+import glob
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import torch
 
 from . import bench_grouped, reference
 from .bench_grouped import GROUPED_CONTENDERS, GROUPED_SETS
+from . import _ext
 from ._ext import extension_loaded
 from .ops import softmax_weighted_sum
 
@@ -45,7 +47,7 @@ __all__ = ["main", "add_arguments", "run", "run_benchmark"]
 class Case:
     name: str
     K: int
-    shape: tuple
+    shape: tuple  # None: sized to the last-level cache (beyond_cache_shape)
     rows: int = 0  # leading dims of `shape` with a weight row each: logits (*shape[:rows], K)
     zeros: int = 0  # logits set to -inf: inputs of weight 0, which the fused op does not read
 
@@ -60,7 +62,11 @@ CASES = [
     Case("per-token", 8, (32, 128, 768), rows=2),
     # A model soup with 6 of its 8 members at weight 0 (-inf logits).
     Case("soup-2-of-8", 8, (4 * 2**20,), zeros=6),
+    # The forward's working set at least 4x the last-level cache, whatever
+    # the machine (capped by the free memory): its floor is the memory's.
+    Case("beyond-cache", 8, None),
 ]
+BEYOND_CACHE_FACTOR = 4
 QUICK_CASES = ["multimodal", "darts"]
 # A small DARTS-style search cell: one training step, soft against hard MixedOp.
 SEARCH = "search-cell"
@@ -202,6 +208,44 @@ def _peak_extra_bytes(step, device):
     return peak
 
 
+def last_level_cache_bytes():
+    """The size of the largest cache of CPU 0, from sysfs (else glibc's
+    sysconf), or None when neither says."""
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(index, "size")) as f:
+                text = f.read().strip()
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+            sizes.append(int(text.rstrip("KMGkmg")) * scale)
+    if not sizes:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            sizes.append(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+    return max(sizes) if sizes and max(sizes) > 0 else None
+
+
+def available_memory_bytes():
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def beyond_cache_shape(K, element_size):
+    """Inputs whose forward working set, (K + 1) arrays, is BEYOND_CACHE_FACTOR
+    times the last-level cache (32 MiB assumed when unknown), capped so that
+    the biggest step (4K + 4 arrays, the floor's buffers included) takes at
+    most half the free memory."""
+    llc = last_level_cache_bytes() or 32 * 2**20
+    n = math.ceil(BEYOND_CACHE_FACTOR * llc / ((K + 1) * element_size))
+    free = available_memory_bytes()
+    if free is not None:
+        n = min(n, free // 2 // ((4 * K + 4) * element_size))
+    return (n,)
+
+
 def _moved_elements(K, n, mode):
     fwd = (K + 1) * n
     return fwd if mode == "fwd" else fwd + (2 * K + 1) * n
@@ -210,15 +254,14 @@ def _moved_elements(K, n, mode):
 def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
     """Times `contenders` and the floor on one case; returns a result dict."""
     gen = torch.Generator().manual_seed(0)
-    n = 1
-    for s in case.shape:
-        n *= s
+    shape = case.shape or beyond_cache_shape(case.K, torch.empty((), dtype=dtype).element_size())
+    n = math.prod(shape)
     need_grad = mode != "fwd"
-    logits = torch.randn(*case.shape[: case.rows], case.K, generator=gen)
+    logits = torch.randn(*shape[: case.rows], case.K, generator=gen)
     logits[..., : case.zeros] = -math.inf
     logits = logits.to(device).requires_grad_(need_grad)
-    xs = [torch.randn(case.shape, generator=gen).to(device, dtype).requires_grad_(need_grad) for _ in range(case.K)]
-    grad = torch.randn(case.shape, generator=gen).to(device, dtype) if need_grad else None
+    xs = [torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(need_grad) for _ in range(case.K)]
+    grad = torch.randn(shape, generator=gen).to(device, dtype) if need_grad else None
 
     # The bytes the op must move: inputs of weight 0 need not be read.
     moved = _moved_elements(case.K - case.zeros, n, mode) * xs[0].element_size()
@@ -252,7 +295,7 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
     result = {
         "case": case.name,
         "K": case.K,
-        "shape": list(case.shape),
+        "shape": list(shape),
         "weights_shape": list(logits.shape),
         "numel": n,
         "dtype": str(dtype).replace("torch.", ""),
@@ -395,15 +438,27 @@ def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, conte
 
 
 def machine_info(device):
-    cpu = platform.processor() or platform.machine()
+    cpu, family, model = platform.processor() or platform.machine(), None, None
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name":
+                    cpu = value
+                elif key == "cpu family":
+                    family = value
+                elif key == "model":
+                    model = value
+                elif not key and family is not None:
+                    break  # the end of CPU 0
+    if family is not None:
+        cpu = f"{cpu} (family {family}, model {model})"
+    llc = last_level_cache_bytes()
     info = {
         "cpu": cpu,
+        "last_level_cache_bytes": llc,
+        "cpu_capability": _ext.MODULE.cpu_capability() if _ext.MODULE is not None else None,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -419,6 +474,12 @@ def machine_info(device):
 # --------------------------------------------------------------------------
 # Output.
 # --------------------------------------------------------------------------
+
+def _machine_line(m):
+    llc = f"{m['last_level_cache_bytes'] / 2**20:.0f} MiB" if m["last_level_cache_bytes"] else "unknown"
+    return (f"{m['cpu']}, last-level cache {llc}, {m['cpu_count']} cores, {m['torch_threads']} torch threads, "
+            f"torch {m['torch']}, extension loaded: {m['extension_loaded']}, CPU kernels: {m['cpu_capability']}")
+
 
 def _header(contenders):
     cols = "".join(f"{name:>22}" for name in contenders)
@@ -520,6 +581,7 @@ def run(args) -> int:
             raise SystemExit("--plot needs matplotlib: pip install matplotlib (or simplex_param[plot])") from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    print(_machine_line(machine_info(torch.device(args.device))), flush=True)
     contenders = tuple(args.contenders or CONTENDERS)
     report = run_benchmark(
         cases=args.cases or (QUICK_CASES + [OVERHEAD] if args.quick else None),
@@ -534,9 +596,7 @@ def run(args) -> int:
     if report["results"]:
         print()
         print(memory_table(report))
-    m = report["machine"]
-    print(f"\n{m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
-          f"extension loaded: {m['extension_loaded']}")
+    print("\n" + _machine_line(report["machine"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

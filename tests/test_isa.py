@@ -51,8 +51,8 @@ print(_ext.MODULE.cpu_capability(), digest.hexdigest())
 """
 
 
-def run(capability):
-    env = dict(os.environ, SIMPLEX_PARAM_CPU_CAPABILITY=capability)
+def run(capability, **extra):
+    env = dict(os.environ, SIMPLEX_PARAM_CPU_CAPABILITY=capability, **extra)
     return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -72,12 +72,17 @@ def test_every_path_gives_the_same_bits():
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
-def test_each_path_or_skip(capability):
+def test_each_path_or_skip_and_its_non_temporal_stores(capability):
+    """Each path, and the same path with every store non-temporal (as for
+    outputs beyond the last-level cache): the same bits."""
     if capability not in _ext.MODULE.cpu_capabilities():
         pytest.skip(f"this CPU does not run {capability}")
     proc = run(capability)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[0] == capability
+    streamed = run(capability, SIMPLEX_PARAM_STREAM_BYTES="0")
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    assert streamed.stdout == proc.stdout
 
 
 def test_best_path_by_default_and_a_clear_error_for_an_unknown_one():

@@ -18,6 +18,12 @@
 // occur). Tiles depend on the shapes only, so the thread count does not
 // change the bits either.
 
+#if defined(__x86_64__) || defined(_M_X64)
+#define SP_X86 1
+#else
+#define SP_X86 0
+#endif
+
 namespace simplex_param {
 namespace cpu {
 namespace SP_ISA {
@@ -89,6 +95,32 @@ SP_INLINE void store_run(c10::BFloat16* dst, const float* src, int64_t len) {
 #endif
 constexpr int kStreams = SP_STREAMS;
 
+// dst[i] = src[i] converted, for i < len, with non-temporal stores when
+// `stream` (outputs bigger than the last-level cache: no read for
+// ownership, no eviction of the inputs): converted into an L1 buffer, then
+// streamed out 16 bytes at a time. The bits are those of store_run.
+template <typename T, typename A>
+SP_INLINE void write_run(T* dst, const A* src, int64_t len, bool stream) {
+#if SP_X86
+  if (stream) {
+    alignas(64) T tmp[kBlock];
+    store_run(tmp, src, len);
+    auto* d = reinterpret_cast<char*>(dst);
+    const auto* t = reinterpret_cast<const char*>(tmp);
+    size_t bytes = static_cast<size_t>(len) * sizeof(T);
+    const size_t head = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+    std::memcpy(d, t, head);
+    size_t i = head;
+    for (; i + 16 <= bytes; i += 16) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(t + i)));
+    }
+    std::memcpy(d + i, t + i, bytes - i);
+    return;
+  }
+#endif
+  store_run(dst, src, len);
+}
+
 // acc (+)= sum over r < R of w[r] * x[r][start + i], for i < len: R input
 // streams advance together.
 template <int R, bool First, typename scalar_t, typename acc_t>
@@ -125,7 +157,7 @@ SP_INLINE void accumulate_n(int n, acc_t* acc, const scalar_t* const* x, const a
 // over the accumulator (docs/benchmarks.md). The sum runs in k order.
 template <typename scalar_t, typename acc_t>
 SP_INLINE void forward_segment(
-    const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t start, int64_t len) {
+    const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t start, int64_t len, bool stream) {
   alignas(64) acc_t acc[kBlock];
   const scalar_t* live_x[kStreams];
   acc_t live_w[kStreams];
@@ -150,8 +182,10 @@ SP_INLINE void forward_segment(
   if (first) {  // every weight of the row is 0
     for (int64_t i = 0; i < len; ++i) acc[i] = acc_t(0);
   }
-  store_run(out + start, acc, len);
+  write_run(out + start, acc, len, stream);
 }
+
+constexpr size_t kPrefetchBytes = 1024;
 
 // <g, x> over len elements: kLanes partial sums, added pairwise.
 template <typename scalar_t, typename acc_t>
@@ -159,6 +193,10 @@ SP_INLINE acc_t dot(const acc_t* g, const scalar_t* x, int64_t len) {
   acc_t s[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
+    // A kilobyte ahead in the stream: one tile reads each input for only
+    // 4 to 16 KiB, too short for the hardware prefetchers to ramp up.
+    const char* ahead = reinterpret_cast<const char*>(x + i) + kPrefetchBytes;
+    for (size_t b = 0; b < kLanes * sizeof(scalar_t); b += 64) __builtin_prefetch(ahead + b);
     for (int j = 0; j < kLanes; ++j) s[j] = s[j] + g[i + j] * load(x, i + j);
   }
   for (int j = 0; i < len; ++i, ++j) s[j] = s[j] + g[i] * load(x, i);
@@ -174,7 +212,7 @@ SP_INLINE acc_t dot(const acc_t* g, const scalar_t* x, int64_t len) {
 template <typename scalar_t, typename acc_t>
 SP_INLINE void backward_segment(
     const scalar_t* grad, const scalar_t* const* xs, const acc_t* w, int64_t K,
-    scalar_t* const* dxs, acc_t* dots, bool skip_zero, int64_t start, int64_t len) {
+    scalar_t* const* dxs, acc_t* dots, bool skip_zero, bool stream, int64_t start, int64_t len) {
   alignas(64) acc_t g[kBlock];
   for (int64_t i = 0; i < len; ++i) g[i] = load(grad + start, i);
   for (int64_t k = 0; k < K; ++k) {
@@ -183,10 +221,10 @@ SP_INLINE void backward_segment(
       const acc_t wk = w[k];
       if (wk == acc_t(0)) {  // exactly 0, also where grad holds inf or NaN
         for (int64_t i = 0; i < len; ++i) store(dx, i, acc_t(0));
-      } else if constexpr (SP_NATIVE_BF16 && std::is_same_v<scalar_t, c10::BFloat16>) {
+      } else if (stream || (SP_NATIVE_BF16 && std::is_same_v<scalar_t, c10::BFloat16>)) {
         alignas(64) acc_t t[kBlock];
         for (int64_t i = 0; i < len; ++i) t[i] = wk * g[i];
-        store_run(dx, t, len);
+        write_run(dx, t, len, stream);
       } else {
         for (int64_t i = 0; i < len; ++i) store(dx, i, wk * g[i]);
       }
@@ -195,6 +233,13 @@ SP_INLINE void backward_segment(
       dots[k] = skip_zero && w[k] == acc_t(0) ? acc_t(0) : dot(g, xs[k] + start, len);
     }
   }
+}
+
+// Non-temporal stores are weakly ordered: fenced before the results are read.
+SP_INLINE void fence(const Contraction& c) {
+#if SP_X86
+  if (c.stream_stores) _mm_sfence();
+#endif
 }
 
 // The typed view of a Contraction.
@@ -217,9 +262,10 @@ void forward_tiles(const Contraction& c, const Tiles& tiles, int64_t t0, int64_t
   scalar_t* out = static_cast<scalar_t*>(c.out);
   for (int64_t t = t0; t < t1; ++t) {
     tiles.for_each_segment(t, [&](int64_t row, int64_t, int64_t start, int64_t len) {
-      forward_segment(ops.x.data(), ops.w + row * c.K, c.K, out, start, len);
+      forward_segment(ops.x.data(), ops.w + row * c.K, c.K, out, start, len, c.stream_stores);
     });
   }
+  fence(c);
 }
 
 template <typename scalar_t>
@@ -235,12 +281,15 @@ void backward_tiles(const Contraction& c, const Tiles& tiles, void* partials_, i
           : tiles.pieces == 1         ? grad_w + row * c.K
                                       : partials + (row * tiles.pieces + piece) * c.K;
       backward_segment(
-          grad, ops.x.data(), ops.w + row * c.K, c.K, ops.grad_x.data(), dots, c.skip_zero_weights, start, len);
+          grad, ops.x.data(), ops.w + row * c.K, c.K, ops.grad_x.data(), dots, c.skip_zero_weights,
+          c.stream_stores, start, len);
     });
   }
+  fence(c);
 }
 
 #undef SP_INLINE
+#undef SP_X86
 
 } // namespace SP_ISA
 } // namespace cpu
