@@ -84,6 +84,7 @@ at::Tensor weighted_sum_forward(const at::Tensor& weights, at::TensorList inputs
   for (const at::Tensor& x : xs) c.x.push_back(x.const_data_ptr());
   c.out = out.mutable_data_ptr();
   c.stream_stores = beyond_cache(out.nbytes());
+  c.inputs_in_cache = !beyond_cache(out.nbytes() * c.K);
   kernel(c);
   return out;
 }
@@ -185,7 +186,10 @@ std::vector<at::Tensor> grouped_weighted_sum_forward(
   }
   size_t written = 0;
   for (const at::Tensor& out : outs) written += out.nbytes();
-  for (Contraction& c : cs) c.stream_stores = beyond_cache(written);
+  for (Contraction& c : cs) {
+    c.stream_stores = beyond_cache(written);
+    c.inputs_in_cache = !beyond_cache(written * K);
+  }
   if (!cs.empty()) kernel(cs);
   return outs;
 }

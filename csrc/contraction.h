@@ -33,6 +33,7 @@ struct Contraction {
   std::vector<void*> grad_x;        // backward: K gradients, null where not wanted
   void* grad_w = nullptr;           // backward: rows x K, accumulation dtype, or null
   bool skip_zero_weights = false;   // backward: grad_w is 0 where w is, that input unread
+  bool inputs_in_cache = true;      // CPU: the inputs fit in the last-level cache
   bool stream_stores = false;       // CPU: outputs bigger than the last-level cache, written
                                     // with non-temporal stores (same bits)
 };

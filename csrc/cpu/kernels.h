@@ -66,34 +66,42 @@ SP_INLINE void store_run(T* dst, const A* src, int64_t len) {
 }
 
 #if SP_NATIVE_BF16
-// vcvtneps2bf16, 16 lanes at a time. It flushes subnormal inputs to zero
-// and keeps NaN payloads; lanes holding either take the rounding above.
-template <>
-SP_INLINE void store_run(c10::BFloat16* dst, const float* src, int64_t len) {
-  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
-  const __m512i inf = _mm512_set1_epi32(0x7F800000);
-  const __m512i min_normal = _mm512_set1_epi32(0x00800000);
+// The lanes of v that vcvtneps2bf16 rounds unlike c10: it flushes subnormal
+// inputs to zero and keeps NaN payloads.
+SP_INLINE __mmask16 unlike_c10(__m512 v) {
+  const __m512i a = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
+  return _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7F800000)) |
+      (_mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x00800000)) & _mm512_test_epi32_mask(a, a));
+}
+
+// dst[i] = scale * src[i] (scale_src) or src[i], in bfloat16: 16 lanes at a
+// time with vcvtneps2bf16, the lanes unlike_c10 rounded as store() does.
+template <bool Scale>
+SP_INLINE void native_bf16_run(c10::BFloat16* dst, float scale, const float* src, int64_t len) {
+  const __m512 w = _mm512_set1_ps(scale);
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
-    const __m512 v = _mm512_loadu_ps(src + i);
-    const __m512i a = _mm512_and_si512(_mm512_castps_si512(v), abs_mask);
-    const __mmask16 special = _mm512_cmpgt_epu32_mask(a, inf) |
-        (_mm512_cmplt_epu32_mask(a, min_normal) & _mm512_test_epi32_mask(a, a));
+    const __m512 v = Scale ? _mm512_mul_ps(w, _mm512_loadu_ps(src + i)) : _mm512_loadu_ps(src + i);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-    if (special) {
+    if (const __mmask16 special = unlike_c10(v)) {
       for (int j = 0; j < 16; ++j) {
-        if (special & (1u << j)) store(dst, i + j, src[i + j]);
+        if (special & (1u << j)) store(dst, i + j, Scale ? scale * src[i + j] : src[i + j]);
       }
     }
   }
-  for (; i < len; ++i) store(dst, i, src[i]);
+  for (; i < len; ++i) store(dst, i, Scale ? scale * src[i] : src[i]);
+}
+
+template <>
+SP_INLINE void store_run(c10::BFloat16* dst, const float* src, int64_t len) {
+  native_bf16_run<false>(dst, 1.0f, src, len);
 }
 #endif
 
-#ifndef SP_STREAMS
-#define SP_STREAMS 4
-#endif
-constexpr int kStreams = SP_STREAMS;
+// Input streams per pass over the accumulator: all of them (up to 16) when
+// the inputs fit in the last-level cache; 4 when they come from memory,
+// where more concurrent streams slow the reads down (docs/benchmarks.md).
+constexpr int kMaxStreams = 16;
 
 // dst[i] = src[i] converted, for i < len, with non-temporal stores when
 // `stream` (outputs bigger than the last-level cache: no read for
@@ -141,6 +149,14 @@ SP_INLINE void accumulate(acc_t* acc, const scalar_t* const* xs, const acc_t* w,
 template <bool First, typename scalar_t, typename acc_t>
 SP_INLINE void accumulate_n(int n, acc_t* acc, const scalar_t* const* x, const acc_t* w, int64_t start, int64_t len) {
   switch (n) {
+    case 16: accumulate<16, First>(acc, x, w, start, len); break;
+    case 15: accumulate<15, First>(acc, x, w, start, len); break;
+    case 14: accumulate<14, First>(acc, x, w, start, len); break;
+    case 13: accumulate<13, First>(acc, x, w, start, len); break;
+    case 12: accumulate<12, First>(acc, x, w, start, len); break;
+    case 11: accumulate<11, First>(acc, x, w, start, len); break;
+    case 10: accumulate<10, First>(acc, x, w, start, len); break;
+    case 9: accumulate<9, First>(acc, x, w, start, len); break;
     case 8: accumulate<8, First>(acc, x, w, start, len); break;
     case 7: accumulate<7, First>(acc, x, w, start, len); break;
     case 6: accumulate<6, First>(acc, x, w, start, len); break;
@@ -153,21 +169,23 @@ SP_INLINE void accumulate_n(int n, acc_t* acc, const scalar_t* const* x, const a
 }
 
 // out[start, start + len) = sum_k w[k] * xs[k][...], over the inputs whose
-// weight is not 0 (the others are not read), four input streams per pass
-// over the accumulator (docs/benchmarks.md). The sum runs in k order.
+// weight is not 0 (the others are not read), `streams` input streams per
+// pass over the accumulator. The sum runs in k order, one rounding per
+// product and per addition whatever the passes: the same bits.
 template <typename scalar_t, typename acc_t>
 SP_INLINE void forward_segment(
-    const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t start, int64_t len, bool stream) {
+    const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t start, int64_t len, bool stream,
+    int streams) {
   alignas(64) acc_t acc[kBlock];
-  const scalar_t* live_x[kStreams];
-  acc_t live_w[kStreams];
+  const scalar_t* live_x[kMaxStreams];
+  acc_t live_w[kMaxStreams];
   int n = 0;
   bool first = true;
   for (int64_t k = 0; k < K; ++k) {
     if (w[k] == acc_t(0)) continue;
     live_x[n] = xs[k];
     live_w[n] = w[k];
-    if (++n == kStreams) {
+    if (++n == streams) {
       first ? accumulate_n<true>(n, acc, live_x, live_w, start, len)
             : accumulate_n<false>(n, acc, live_x, live_w, start, len);
       first = false;
@@ -221,10 +239,14 @@ SP_INLINE void backward_segment(
       const acc_t wk = w[k];
       if (wk == acc_t(0)) {  // exactly 0, also where grad holds inf or NaN
         for (int64_t i = 0; i < len; ++i) store(dx, i, acc_t(0));
-      } else if (stream || (SP_NATIVE_BF16 && std::is_same_v<scalar_t, c10::BFloat16>)) {
+      } else if (stream) {
         alignas(64) acc_t t[kBlock];
         for (int64_t i = 0; i < len; ++i) t[i] = wk * g[i];
         write_run(dx, t, len, stream);
+#if SP_NATIVE_BF16
+      } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        native_bf16_run<true>(dx, wk, g, len);
+#endif
       } else {
         for (int64_t i = 0; i < len; ++i) store(dx, i, wk * g[i]);
       }
@@ -262,7 +284,8 @@ void forward_tiles(const Contraction& c, const Tiles& tiles, int64_t t0, int64_t
   scalar_t* out = static_cast<scalar_t*>(c.out);
   for (int64_t t = t0; t < t1; ++t) {
     tiles.for_each_segment(t, [&](int64_t row, int64_t, int64_t start, int64_t len) {
-      forward_segment(ops.x.data(), ops.w + row * c.K, c.K, out, start, len, c.stream_stores);
+      forward_segment(ops.x.data(), ops.w + row * c.K, c.K, out, start, len, c.stream_stores,
+                      c.inputs_in_cache ? kMaxStreams : 4);
     });
   }
   fence(c);
