@@ -2,11 +2,6 @@
 
 #include <ATen/Functions.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
 namespace simplex_param {
 namespace {
 
@@ -49,19 +44,7 @@ at::Tensor in_layout(const at::Tensor& t, at::IntArrayRef strides) {
 }
 
 at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
-  at::Tensor t = at::empty_strided(sizes, strides, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kLarge = size_t{4} << 20;
-  const size_t bytes = t.storage().nbytes();
-  if (t.is_cpu() && bytes >= kLarge) {
-    const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-    const auto begin = reinterpret_cast<uintptr_t>(t.storage().mutable_data());
-    const uintptr_t first = (begin + page - 1) / page * page, last = (begin + bytes) / page * page;
-    // Advice only: where transparent huge pages are off, nothing changes.
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
+  return at::empty_strided(sizes, strides, options);
 }
 
 } // namespace simplex_param
