@@ -8,6 +8,7 @@
 
 #include <unistd.h>
 
+#include <cstdint>
 #include <cstdlib>
 
 namespace simplex_param {
@@ -42,15 +43,24 @@ struct WeightRows {
 } // namespace
 
 bool beyond_cache(size_t bytes) {
-  // The last-level cache's size; SIMPLEX_PARAM_STREAM_BYTES overrides it
-  // (the tests set 0 to run every store through the non-temporal path).
-  static const size_t limit = [] {
-    if (const char* env = std::getenv("SIMPLEX_PARAM_STREAM_BYTES")) return static_cast<size_t>(std::atoll(env));
+  // The last-level cache's size, for the forward's choice of passes.
+  static const size_t llc = [] {
     long size = -1;
 #if defined(_SC_LEVEL3_CACHE_SIZE)
     size = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
     return size > 0 ? static_cast<size_t>(size) : size_t{32} << 20;
+  }();
+  return bytes > llc;
+}
+
+bool stream_stores(size_t bytes) {
+  // Off unless SIMPLEX_PARAM_STREAM_BYTES sets a limit: the outputs are
+  // fresh memory, whose first touch zeroes the page in the cache, and
+  // non-temporal stores over those lines were slower (docs/benchmarks.md).
+  static const size_t limit = [] {
+    const char* env = std::getenv("SIMPLEX_PARAM_STREAM_BYTES");
+    return env != nullptr ? static_cast<size_t>(std::atoll(env)) : SIZE_MAX;
   }();
   return bytes > limit;
 }
@@ -83,7 +93,7 @@ at::Tensor weighted_sum_forward(const at::Tensor& weights, at::TensorList inputs
   c.w = w.const_data_ptr();
   for (const at::Tensor& x : xs) c.x.push_back(x.const_data_ptr());
   c.out = out.mutable_data_ptr();
-  c.stream_stores = beyond_cache(out.nbytes());
+  c.stream_stores = stream_stores(out.nbytes());
   c.inputs_in_cache = !beyond_cache(out.nbytes() * c.K);
   kernel(c);
   return out;
@@ -139,7 +149,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
     c.w = w.const_data_ptr();
     size_t written = 0;
     for (const void* p : c.grad_x) written += p == nullptr ? 0 : grad.nbytes();
-    c.stream_stores = beyond_cache(written);
+    c.stream_stores = stream_stores(written);
     kernel(c);
   }
   at::Tensor grad_weights = weights_requires_grad
@@ -187,7 +197,7 @@ std::vector<at::Tensor> grouped_weighted_sum_forward(
   size_t written = 0;
   for (const at::Tensor& out : outs) written += out.nbytes();
   for (Contraction& c : cs) {
-    c.stream_stores = beyond_cache(written);
+    c.stream_stores = stream_stores(written);
     c.inputs_in_cache = !beyond_cache(written * K);
   }
   if (!cs.empty()) kernel(cs);
@@ -251,7 +261,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward(
   }
   size_t written = 0;
   for (const at::Tensor& g : grad_inputs) written += g.nbytes();
-  for (Contraction& c : cs) c.stream_stores = beyond_cache(written);
+  for (Contraction& c : cs) c.stream_stores = stream_stores(written);
   if (!cs.empty()) kernel(cs);
 
   at::Tensor grad_weights = at::empty({0}, weights.options());

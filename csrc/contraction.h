@@ -34,15 +34,17 @@ struct Contraction {
   void* grad_w = nullptr;           // backward: rows x K, accumulation dtype, or null
   bool skip_zero_weights = false;   // backward: grad_w is 0 where w is, that input unread
   bool inputs_in_cache = true;      // CPU: the inputs fit in the last-level cache
-  bool stream_stores = false;       // CPU: outputs bigger than the last-level cache, written
-                                    // with non-temporal stores (same bits)
+  bool stream_stores = false;       // CPU: outputs written with non-temporal stores
+                                    // (same bits; opt-in, contraction.cpp)
 };
 
 using ContractionKernel = void (*)(const Contraction&);
 
-// Whether a call writing `bytes` should bypass the CPU caches: more than the
-// last-level cache holds.
+// Whether `bytes` are more than the CPU's last-level cache holds.
 bool beyond_cache(size_t bytes);
+// Whether a call writing `bytes` uses non-temporal stores (only when
+// SIMPLEX_PARAM_STREAM_BYTES is set and `bytes` exceed it).
+bool stream_stores(size_t bytes);
 // Several contractions (the groups of a grouped op), in one pass where the
 // backend can.
 using BatchKernel = void (*)(c10::ArrayRef<Contraction>);
