@@ -60,7 +60,7 @@ bool stream_stores(size_t bytes) {
   // non-temporal stores over those lines were slower (docs/benchmarks.md).
   static const size_t limit = [] {
     const char* env = std::getenv("SIMPLEX_PARAM_STREAM_BYTES");
-    return env != nullptr ? static_cast<size_t>(std::atoll(env)) : SIZE_MAX;
+    return env != nullptr && *env != '\0' ? static_cast<size_t>(std::atoll(env)) : SIZE_MAX;
   }();
   return bytes > limit;
 }

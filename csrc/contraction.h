@@ -70,7 +70,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
 
 // The grouped ops: G contractions of K inputs each, inputs[g * K + k] being
 // input k of group g, with (G, K) weights, one row per group. Groups may
-// differ in shape and dtype. One call of `kernel` for every non-empty group.
+// differ in shape and dtype. One call of `kernel`, covering every non-empty
+// group.
 // The backward returns the gradients of the inputs that require grad only,
 // in order: frozen inputs cost nothing.
 std::vector<at::Tensor> grouped_weighted_sum_forward(

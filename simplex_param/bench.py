@@ -428,12 +428,14 @@ def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, conte
     grouped = [name for name in GROUPED_SETS if cases is None or name in cases]
     if grouped and log:
         log(bench_grouped.header())
-    report["grouped"] = [
-        bench_grouped.run_grouped(name, DTYPES[dt], mode, tuple(grouped_contenders), repeats, device, target_s, log)
-        for name in grouped
-        for dt in dtypes
-        for mode in modes
-    ]
+    if grouped:
+        report["grouped"] = [
+            bench_grouped.run_grouped(name, DTYPES[dt], mode, tuple(grouped_contenders), repeats, device, target_s,
+                                      log)
+            for name in grouped
+            for dt in dtypes
+            for mode in modes
+        ]
     return report
 
 

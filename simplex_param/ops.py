@@ -286,8 +286,10 @@ def grouped_simplex_weighted_sum(logits: Tensor, groups, *, map: str = "softmax"
     if type(temperature) is not float or not 0.0 < temperature < math.inf:
         temperature = checks.check_temperature(temperature)
         if isinstance(temperature, Tensor):
+            # Divide in the map's dtype, as a float temperature is.
             checks.check_grouped_args(logits, flat, "logits")
-            logits = logits / temperature
+            acc = torch.float64 if any(x.dtype == torch.float64 for x in flat) else torch.float32
+            logits = logits.to(acc) / temperature
             temperature = 1.0
     if _use_compiled(logits, flat):
         if _fast_call(logits, flat):

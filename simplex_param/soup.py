@@ -82,8 +82,8 @@ class LearnedSoup(nn.Module):
         members: K modules of one architecture, or K state_dicts together
             with ``template``.
         template (nn.Module, optional): the architecture, required with
-            state_dicts (default: the first member). Its own tensors are never
-            used, only its code.
+            state_dicts (default: the first member). Only its code is used,
+            and its non-persistent buffers (outside state_dict), copied.
         granularity (str): ``"tensor"`` (default) learns one row of K weights
             per mixed tensor, ``"model"`` one row for them all.
         temperature (float): of the map. Default: ``1.0``.
@@ -230,9 +230,12 @@ class LearnedSoup(nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):
+        # .to(device), .double(), ...: the members, the fixed tensors and the
+        # dtypes the mixes are cast to all follow.
         super()._apply(fn, recurse)
         self._members = [[fn(t) for t in group] for group in self._members]
         self._fixed = {key: fn(t) for key, t in self._fixed.items()}
+        self._template_dtypes = {key: fn(torch.empty(0, dtype=d)).dtype for key, d in self._template_dtypes.items()}
         return self
 
     def mixed(self) -> dict:

@@ -86,6 +86,7 @@ def worker(rank, port, out_dir, kind):
         shard = slice(rank * 4, rank * 4 + 4)  # equal shards: the mean of the shard losses is the full loss
         train(ddp, xs[..., shard, :], target[shard])
         torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before the group is torn down
     finally:
         dist.destroy_process_group()
 

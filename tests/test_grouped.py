@@ -289,3 +289,14 @@ def test_property_grouped_equals_the_loop(sizes, K, dtype, seed):
     out = sp.grouped_weighted_sum(w, groups)
     for g, group in enumerate(groups):
         assert torch.equal(out[g], sp.weighted_sum(w[g], group))
+
+
+def test_tensor_temperature_divides_in_the_maps_dtype():
+    """A 0-D tensor temperature gives the bits of the same float temperature,
+    bfloat16 logits and a float64 group included."""
+    groups = [[torch.randn(5, dtype=torch.float64) for _ in range(3)], [torch.randn(4) for _ in range(3)]]
+    logits = torch.randn(2, 3).to(torch.bfloat16)
+    as_float = sp.grouped_softmax_weighted_sum(logits, groups, temperature=0.3)
+    as_tensor = sp.grouped_softmax_weighted_sum(logits, groups, temperature=torch.tensor(0.3, dtype=torch.float64))
+    for a, b in zip(as_float, as_tensor):
+        assert_close(b, a)

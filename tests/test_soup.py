@@ -202,3 +202,15 @@ def test_train_mode_leaves_the_buffers_as_loaded_and_temperature_follows_set_tem
     assert torch.equal(after["1.running_mean"], members[1][1].running_mean)
     sp.set_temperature(soup, 0.5)
     assert soup.temperature == 0.5 and "temperature=0.5" in repr(soup)
+
+
+def test_to_another_dtype_moves_members_and_mixes_alike():
+    members = trained_members(2)
+    soup = sp.LearnedSoup(members).double().eval()
+    assert soup._members[0][0].dtype == torch.float64
+    x = torch.randn(3, 4, dtype=torch.float64)
+    out = soup(x)
+    assert out.dtype == torch.float64
+    template = net(5).double().eval()
+    template.load_state_dict(soup.merged_state_dict())
+    torch.testing.assert_close(out, template(x))

@@ -42,12 +42,15 @@ int64_t tile_grain(int64_t K) {
 
 std::vector<IsaKernels> supported_kernels() {
   std::vector<IsaKernels> sets{default_kernels()};
+  auto add = [&](const IsaKernels& k) {
+    if (k.name != nullptr) sets.push_back(k);  // null: that set was not built
+  };
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
-  if (__builtin_cpu_supports("avx2")) sets.push_back(avx2_kernels());
+  if (__builtin_cpu_supports("avx2")) add(avx2_kernels());
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  if (avx512) sets.push_back(avx512_kernels());
-  if (avx512 && __builtin_cpu_supports("avx512bf16")) sets.push_back(avx512_bf16_kernels());
+  if (avx512) add(avx512_kernels());
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) add(avx512_bf16_kernels());
 #endif
   return sets;
 }

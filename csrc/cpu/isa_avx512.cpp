@@ -14,7 +14,8 @@
 
 #include "tiles.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+// GCC only: Clang does not honour #pragma GCC target.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 #define SP_ISA avx512
@@ -27,6 +28,6 @@ simplex_param::cpu::IsaKernels simplex_param::cpu::avx512_kernels() {
 }
 #else
 simplex_param::cpu::IsaKernels simplex_param::cpu::avx512_kernels() {
-  return {nullptr, {}, {}};  // not an x86-64 build
+  return {nullptr, {}, {}};  // not built: another compiler or CPU
 }
 #endif
