@@ -48,4 +48,5 @@ unset SIMPLEX_PARAM_DISABLE_EXTENSION
 # --capture=sys: a sanitizer report goes to the real stderr, not a capture file.
 # The resident-memory test is left out: ASan keeps freed memory in quarantine.
 exec "$PY" -m pytest -q -p no:cacheprovider --capture=sys -k "not memory_stays_flat" \
-    tests/test_ops.py tests/test_maps.py tests/test_properties.py tests/test_reliability.py "$@"
+    tests/test_ops.py tests/test_maps.py tests/test_properties.py tests/test_reliability.py tests/test_grouped.py \
+    tests/test_soup.py "$@"
