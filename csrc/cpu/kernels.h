@@ -104,9 +104,9 @@ SP_INLINE void store_run(c10::BFloat16* dst, const float* src, int64_t len) {
 constexpr int kMaxStreams = 16;
 
 // dst[i] = src[i] converted, for i < len, with non-temporal stores when
-// `stream` (outputs bigger than the last-level cache: no read for
-// ownership, no eviction of the inputs): converted into an L1 buffer, then
-// streamed out 16 bytes at a time. The bits are those of store_run.
+// `stream` (opt-in, SIMPLEX_PARAM_STREAM_BYTES: no read for ownership, no
+// eviction of the inputs): converted into an L1 buffer, then streamed out
+// 16 bytes at a time. The bits are those of store_run.
 template <typename T, typename A>
 SP_INLINE void write_run(T* dst, const A* src, int64_t len, bool stream) {
 #if SP_X86
