@@ -79,7 +79,7 @@ at::Tensor weighted_sum_forward(const at::Tensor& weights, at::TensorList inputs
   std::vector<at::Tensor> xs;
   xs.reserve(inputs.size());
   for (const at::Tensor& x : inputs) xs.push_back(in_layout(x, strides));
-  at::Tensor out = empty_output(xs[0].sizes(), strides, xs[0].options());
+  at::Tensor out = at::empty_strided(xs[0].sizes(), strides, xs[0].options());
   const int64_t n = out.numel();
   if (n == 0) return out;
 
@@ -132,7 +132,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
   for (int64_t k = 0; k < K; ++k) {
     const bool need = inputs_requires_grad[k];
     grad_inputs.push_back(
-        need ? empty_output(grad.sizes(), strides, grad.options()) : at::empty({0}, grad.options()));
+        need ? at::empty_strided(grad.sizes(), strides, grad.options()) : at::empty({0}, grad.options()));
     c.grad_x.push_back(need ? grad_inputs.back().mutable_data_ptr() : nullptr);
     any = any || need;
   }
@@ -178,7 +178,7 @@ std::vector<at::Tensor> grouped_weighted_sum_forward(
   for (int64_t g = 0; g < G; ++g) {
     const at::TensorList group = inputs.slice(g * K, K);
     const std::vector<int64_t> strides = walk_strides(group, 0);
-    outs.push_back(empty_output(group[0].sizes(), strides, group[0].options()));
+    outs.push_back(at::empty_strided(group[0].sizes(), strides, group[0].options()));
     const int64_t n = outs.back().numel();
     if (n == 0) continue;
     Contraction c;
@@ -247,7 +247,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward(
     bool any = weights_requires_grad;
     for (int64_t k = 0; k < K; ++k) {
       const bool need = inputs_requires_grad[g * K + k];
-      if (need) grad_inputs.push_back(empty_output(grad.sizes(), strides, grad.options()));
+      if (need) grad_inputs.push_back(at::empty_strided(grad.sizes(), strides, grad.options()));
       c.grad_x.push_back(need ? grad_inputs.back().mutable_data_ptr() : nullptr);
       any = any || need;
     }

@@ -43,8 +43,4 @@ at::Tensor in_layout(const at::Tensor& t, at::IntArrayRef strides) {
   return at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
 }
 
-at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
-  return at::empty_strided(sizes, strides, options);
-}
-
 } // namespace simplex_param

@@ -20,12 +20,4 @@ std::vector<int64_t> walk_strides(at::TensorList tensors, int64_t row_dims);
 // unlike the others costs a copy of itself alone.
 at::Tensor in_layout(const at::Tensor& t, at::IntArrayRef strides);
 
-// An uninitialised tensor for a kernel to fill: at::empty_strided, from
-// PyTorch's allocator like any op's output. (Advising transparent huge pages
-// on large outputs, as THP_MEM_ALLOC_ENABLE=1 does for every allocation,
-// halved the first-touch cost of a fresh output in a quiet run but made the
-// op up to 3x slower in a long run on a virtual machine, whose host
-// reclaims free 2 MiB blocks: docs/benchmarks.md.)
-at::Tensor empty_output(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options);
-
 } // namespace simplex_param

@@ -288,8 +288,7 @@ def grouped_simplex_weighted_sum(logits: Tensor, groups, *, map: str = "softmax"
         if isinstance(temperature, Tensor):
             # Divide in the map's dtype, as a float temperature is.
             checks.check_grouped_args(logits, flat, "logits")
-            acc = torch.float64 if any(x.dtype == torch.float64 for x in flat) else torch.float32
-            logits = logits.to(acc) / temperature
+            logits = logits.to(reference.grouped_acc_dtype(flat)) / temperature
             temperature = 1.0
     if _use_compiled(logits, flat):
         if _fast_call(logits, flat):

@@ -86,9 +86,13 @@ def grouped_weighted_sum(weights: Tensor, inputs: list[Tensor]) -> list[Tensor]:
     return [weighted_sum(weights[g], inputs[g * K:(g + 1) * K]) for g in range(G)]
 
 
+def grouped_acc_dtype(inputs: list[Tensor]) -> torch.dtype:
+    """The dtype a grouped op takes its map in: float64 when a group is float64, else float32."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
+
+
 def grouped_simplex_weighted_sum(logits: Tensor, inputs: list[Tensor], map: str = "softmax",
                                  temperature: float = 1.0) -> list[Tensor]:
-    r"""The map of the ``(G, K)`` logits (in float64 when a group is float64,
-    else in float32), then :func:`grouped_weighted_sum`."""
-    acc = torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
-    return grouped_weighted_sum(MAPS[map](logits.to(acc), temperature), inputs)
+    r"""The map of the ``(G, K)`` logits in :func:`grouped_acc_dtype`, then
+    :func:`grouped_weighted_sum`."""
+    return grouped_weighted_sum(MAPS[map](logits.to(grouped_acc_dtype(inputs)), temperature), inputs)
