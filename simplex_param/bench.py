@@ -142,26 +142,50 @@ def _calls_per_sample(step, device, target_s):
     return max(1, min(1000, int(target_s / max(time.perf_counter() - t0, 1e-7))))
 
 
-def _sample(step, calls, device):
+def _minor_faults():
+    """Minor page faults of this process so far (0 where the platform has no
+    getrusage): a fresh page's first touch."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _sample(step, calls, device, faults=None):
+    if calls > 1:
+        # One untimed call first: the step before (the floor's copy, say) may
+        # have evicted this one's operands from the cache.
+        step()
     _sync(device)
-    t0 = time.perf_counter()
+    f0, t0 = _minor_faults(), time.perf_counter()
     for _ in range(calls):
         step()
     _sync(device)
-    return (time.perf_counter() - t0) / calls
+    t1 = time.perf_counter()
+    if faults is not None:
+        faults.append((_minor_faults() - f0) / calls)
+    return (t1 - t0) / calls
 
 
-def _median_times(steps, repeats, device, target_s):
+def _median_times(steps, repeats, device, target_s, faults=None):
     """Median seconds per call of each step: a warm-up, then `repeats` samples
-    taken round-robin, each of enough calls to last about `target_s`."""
+    taken round-robin, each of enough calls to last about `target_s`. The
+    order rotates from one round to the next, so that no step always follows
+    the same one. `faults`, a dict, gets each step's median page faults per
+    call."""
     for step in steps.values():
         step()
         step()
     calls = {name: _calls_per_sample(step, device, target_s) for name, step in steps.items()}
     samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            samples[name].append(_sample(step, calls[name], device))
+    names = list(steps)
+    fault_samples = {name: [] for name in steps}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            samples[name].append(_sample(steps[name], calls[name], device, fault_samples[name]))
+    if faults is not None:
+        faults.update({name: statistics.median(f) for name, f in fault_samples.items()})
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -287,7 +311,8 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
             step = _step(_contender(name), logits, xs, grad)
         steps[name] = step
 
-    times = _median_times(steps, repeats, device, target_s)
+    faults = {}
+    times = _median_times(steps, repeats, device, target_s, faults)
     del src, dst
     steps.pop("floor")
 
@@ -309,6 +334,7 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
             "time_s": times[name],
             "ratio": times[name] / floor,
             "peak_bytes": _peak_extra_bytes(step, device),
+            "page_faults": faults[name],
         }
         if name == "compile":
             entry["compile_s"] = compile_s
@@ -505,6 +531,14 @@ def memory_table(report):
         size = r["numel"] * (4 if r["dtype"] == "float32" else 2)
         cols = "".join(f"{r['contenders'][n]['peak_bytes'] / size:>17.2f}" for n in contenders)
         lines.append(f"{r['case']:<14}{r['K']:>3} {r['dtype']:<9}{r['mode']:<8}{cols}")
+    faulting = [r for r in results if any(c.get("page_faults", 0) >= 1 for c in r["contenders"].values())]
+    if faulting:
+        lines.append("")
+        lines.append(f"{'case':<14}{'K':>3} {'dtype':<9}{'mode':<8}" + "".join(f"{n:>17}" for n in contenders)
+                     + "   (page faults per call: first touches of fresh output pages)")
+        for r in faulting:
+            cols = "".join(f"{r['contenders'][n]['page_faults']:>17.0f}" for n in contenders)
+            lines.append(f"{r['case']:<14}{r['K']:>3} {r['dtype']:<9}{r['mode']:<8}{cols}")
     compiles = [f"{r['case']}/{r['dtype']}/{r['mode']}: {r['contenders']['compile']['compile_s']:.1f} s"
                 for r in results if "compile" in r["contenders"]]
     if compiles:

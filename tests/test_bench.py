@@ -25,10 +25,34 @@ def _check_report(report, cases, contenders, overhead=False):
             assert entry["time_s"] > 0
             assert entry["ratio"] == pytest.approx(entry["time_s"] / r["floor_s"])
             assert ("compile_s" in entry) == (name == "compile")
+            assert entry["page_faults"] >= 0
         # Measured, so at least the output (and the gradients) must show up.
         size = r["numel"] * 4
         extra = r["K"] * size if r["mode"] == "fwd+bwd" else 0
         assert r["contenders"]["fused"]["peak_bytes"] >= size + extra
+
+
+def test_samples_rotate_and_count_page_faults():
+    order = []
+    steps = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    bench._median_times(steps, 3, torch.device("cpu"), 0.0)
+    rounds = order[-9:]  # after the warm-up; one call a sample at target 0
+    assert [rounds[i] for i in (0, 3, 6)] == ["a", "b", "c"]  # each goes first once
+    assert sorted(rounds) == sorted("abc" * 3)
+
+    resource = pytest.importorskip("resource")
+    import mmap
+
+    def touch_fresh_pages():  # 64 pages, never touched before
+        m = mmap.mmap(-1, 64 * mmap.PAGESIZE)
+        for i in range(0, len(m), mmap.PAGESIZE):
+            m[i] = 1
+        m.close()
+
+    faults = {}
+    bench._median_times({"fresh": touch_fresh_pages, "none": lambda: None}, 3, torch.device("cpu"), 0.001, faults)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt > 0
+    assert faults["fresh"] >= 60 and faults["none"] < 1
 
 
 def test_bench_quick_runs(tmp_path, capsys):

@@ -157,6 +157,45 @@ def test_deterministic_across_threads():
     assert torch.equal(results[0][1], results[1][1])
 
 
+CUDA = "cuda" in DEVICES
+
+
+@pytest.mark.skipif(not (CUDA and COMPILED), reason="the one-launch CUDA kernels need a GPU and the extension")
+@pytest.mark.parametrize("K", [3, 17, 33])
+def test_cuda_one_launch_per_dtype_gives_the_bits_of_single_calls(K):
+    # Groups of every size class (under one tile, several tiles, a ragged
+    # tail), four dtypes, members offset by one element (no vector loads),
+    # a row of zero weights and single zero weights; K = 17 and 33 cross the
+    # kernels' chunks of 16 and 32 inputs.
+    gen = torch.Generator().manual_seed(K)
+    sizes = [1, 5, 8193, 70001, 3, 40000]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32, torch.bfloat16]
+    groups = []
+    for g, (n, dtype) in enumerate(zip(sizes, dtypes)):
+        offset = 1 if g == 4 else 0
+        groups.append([torch.randn(n + offset, generator=gen)[offset:].to("cuda", dtype).requires_grad_(k % 3 != 0)
+                       for k in range(K)])
+    w = torch.rand(len(sizes), K, generator=gen, dtype=torch.float64)
+    w[1] = 0
+    w[2, ::4] = 0
+    w = w.cuda().requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = sp.grouped_weighted_sum(w, groups)
+        torch.cuda.synchronize()
+    launches = [e.name for e in prof.events() if "grouped_forward_kernel" in e.name]
+    assert len(launches) == len(set(dtypes))  # one launch per dtype, not per group
+    ref = [sp.weighted_sum(w[g].to(torch.float64 if d == torch.float64 else torch.float32), group)
+           for g, (d, group) in enumerate(zip(dtypes, groups))]
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r)
+    members = [x for group in groups for x in group]
+    got, want = grads(out, [w, *members]), grads(ref, [w, *members])
+    assert torch.equal(got[id(w)], want[id(w)])
+    for x in members:
+        if x.requires_grad:
+            assert torch.equal(got[id(x)], want[id(x)])
+
+
 def test_gradcheck_and_gradgradcheck():
     G, K = 3, 2
     shapes = [(2,), (3, 2), (1,)]

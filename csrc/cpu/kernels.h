@@ -130,41 +130,46 @@ SP_INLINE void write_run(T* dst, const A* src, int64_t len, bool stream) {
 }
 
 // acc (+)= sum over r < R of w[r] * x[r][start + i], for i < len: R input
-// streams advance together.
-template <int R, bool First, typename scalar_t, typename acc_t>
-SP_INLINE void accumulate(acc_t* acc, const scalar_t* const* xs, const acc_t* w, int64_t start, int64_t len) {
+// streams advance together. Direct (with First): the sums go to
+// out[start + i] instead, converted from registers kLanes at a time, with
+// no pass through acc.
+template <int R, bool First, bool Direct, typename scalar_t, typename acc_t>
+SP_INLINE void accumulate(
+    acc_t* acc, scalar_t* out, const scalar_t* const* xs, const acc_t* w, int64_t start, int64_t len) {
   const scalar_t* x[R];
   acc_t wr[R];
   for (int r = 0; r < R; ++r) {
     x[r] = xs[r] + start;
     wr[r] = w[r];
   }
-  for (int64_t i = 0; i < len; ++i) {
+  auto sum = [&](int64_t i) {
     acc_t a = First ? wr[0] * load(x[0], i) : acc[i] + wr[0] * load(x[0], i);
     for (int r = 1; r < R; ++r) a = a + wr[r] * load(x[r], i);
-    acc[i] = a;
+    return a;
+  };
+  if constexpr (Direct) {
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+      acc_t a[kLanes];
+      for (int j = 0; j < kLanes; ++j) a[j] = sum(i + j);
+      store_run(out + start + i, a, kLanes);
+    }
+    for (; i < len; ++i) store(out + start, i, sum(i));
+  } else {
+    for (int64_t i = 0; i < len; ++i) acc[i] = sum(i);
   }
 }
 
-template <bool First, typename scalar_t, typename acc_t>
-SP_INLINE void accumulate_n(int n, acc_t* acc, const scalar_t* const* x, const acc_t* w, int64_t start, int64_t len) {
+template <bool First, bool Direct, typename scalar_t, typename acc_t>
+SP_INLINE void accumulate_n(
+    int n, acc_t* acc, scalar_t* out, const scalar_t* const* x, const acc_t* w, int64_t start, int64_t len) {
   switch (n) {
-    case 16: accumulate<16, First>(acc, x, w, start, len); break;
-    case 15: accumulate<15, First>(acc, x, w, start, len); break;
-    case 14: accumulate<14, First>(acc, x, w, start, len); break;
-    case 13: accumulate<13, First>(acc, x, w, start, len); break;
-    case 12: accumulate<12, First>(acc, x, w, start, len); break;
-    case 11: accumulate<11, First>(acc, x, w, start, len); break;
-    case 10: accumulate<10, First>(acc, x, w, start, len); break;
-    case 9: accumulate<9, First>(acc, x, w, start, len); break;
-    case 8: accumulate<8, First>(acc, x, w, start, len); break;
-    case 7: accumulate<7, First>(acc, x, w, start, len); break;
-    case 6: accumulate<6, First>(acc, x, w, start, len); break;
-    case 5: accumulate<5, First>(acc, x, w, start, len); break;
-    case 4: accumulate<4, First>(acc, x, w, start, len); break;
-    case 3: accumulate<3, First>(acc, x, w, start, len); break;
-    case 2: accumulate<2, First>(acc, x, w, start, len); break;
-    default: accumulate<1, First>(acc, x, w, start, len);
+#define SP_CASE(R) \
+    case R: accumulate<R, First, Direct>(acc, out, x, w, start, len); break;
+    SP_CASE(16) SP_CASE(15) SP_CASE(14) SP_CASE(13) SP_CASE(12) SP_CASE(11) SP_CASE(10) SP_CASE(9)
+    SP_CASE(8) SP_CASE(7) SP_CASE(6) SP_CASE(5) SP_CASE(4) SP_CASE(3) SP_CASE(2)
+#undef SP_CASE
+    default: accumulate<1, First, Direct>(acc, out, x, w, start, len);
   }
 }
 
@@ -186,15 +191,19 @@ SP_INLINE void forward_segment(
     live_x[n] = xs[k];
     live_w[n] = w[k];
     if (++n == streams) {
-      first ? accumulate_n<true>(n, acc, live_x, live_w, start, len)
-            : accumulate_n<false>(n, acc, live_x, live_w, start, len);
+      first ? accumulate_n<true, false>(n, acc, out, live_x, live_w, start, len)
+            : accumulate_n<false, false>(n, acc, out, live_x, live_w, start, len);
       first = false;
       n = 0;
     }
   }
+  if (n > 0 && first && !stream) {  // one pass: straight to the output
+    accumulate_n<true, true>(n, acc, out, live_x, live_w, start, len);
+    return;
+  }
   if (n > 0) {
-    first ? accumulate_n<true>(n, acc, live_x, live_w, start, len)
-          : accumulate_n<false>(n, acc, live_x, live_w, start, len);
+    first ? accumulate_n<true, false>(n, acc, out, live_x, live_w, start, len)
+          : accumulate_n<false, false>(n, acc, out, live_x, live_w, start, len);
     first = false;
   }
   if (first) {  // every weight of the row is 0
@@ -203,57 +212,118 @@ SP_INLINE void forward_segment(
   write_run(out + start, acc, len, stream);
 }
 
-constexpr size_t kPrefetchBytes = 1024;
-
-// <g, x> over len elements: kLanes partial sums, added pairwise.
+// dx[i] = w * g[i] for i < len (exactly 0 where w is), converted.
 template <typename scalar_t, typename acc_t>
-SP_INLINE acc_t dot(const acc_t* g, const scalar_t* x, int64_t len) {
-  acc_t s[kLanes] = {};
+SP_INLINE void scaled_run(scalar_t* dx, acc_t w, const acc_t* g, int64_t len) {
+  if (w == acc_t(0)) {  // exactly 0, also where grad holds inf or NaN
+    for (int64_t i = 0; i < len; ++i) store(dx, i, acc_t(0));
+#if SP_NATIVE_BF16
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    native_bf16_run<true>(dx, w, g, len);
+#endif
+  } else {
+    for (int64_t i = 0; i < len; ++i) store(dx, i, w * g[i]);
+  }
+}
+
+// Inputs per interleaved pass of the backward: 2 * R accumulator registers
+// of 16 float32 lanes on AVX-512.
+constexpr int kBackwardStreams = 8;
+
+// The backward of R inputs over [start, start + len), interleaved as
+// torch.compile's loop is: every 32 elements, each input's gradient is
+// written and its dot product advanced, so the gradient, the R inputs and
+// the R input gradients stream together (measured faster than one input
+// after the other, in cache and from memory: docs/benchmarks.md). dot[r]
+// is <g, x_r> (kLanes partial sums added pairwise), or 0 where read[r] is
+// false, and x_r is then not read.
+template <int R, typename scalar_t, typename acc_t>
+SP_INLINE void backward_inputs(
+    const acc_t* g, const scalar_t* const* xs, scalar_t* const* dxs, const acc_t* w, const bool* read,
+    acc_t* dot, int64_t start, int64_t len) {
+  acc_t s[R][kLanes] = {};
+  const scalar_t* x[R];
+  scalar_t* dx[R];
+  for (int r = 0; r < R; ++r) {
+    x[r] = read[r] ? xs[r] + start : nullptr;
+    dx[r] = dxs[r] != nullptr ? dxs[r] + start : nullptr;
+  }
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
-    // A kilobyte ahead in the stream: one tile reads each input for only
-    // 4 to 16 KiB, too short for the hardware prefetchers to ramp up.
-    const char* ahead = reinterpret_cast<const char*>(x + i) + kPrefetchBytes;
-    for (size_t b = 0; b < kLanes * sizeof(scalar_t); b += 64) __builtin_prefetch(ahead + b);
-    for (int j = 0; j < kLanes; ++j) s[j] = s[j] + g[i + j] * load(x, i + j);
+    for (int r = 0; r < R; ++r) {
+      if (dx[r] != nullptr) scaled_run(dx[r] + i, w[r], g + i, kLanes);
+      if (x[r] != nullptr) {
+        for (int j = 0; j < kLanes; ++j) s[r][j] = s[r][j] + g[i + j] * load(x[r], i + j);
+      }
+    }
   }
-  for (int j = 0; i < len; ++i, ++j) s[j] = s[j] + g[i] * load(x, i);
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) s[j] = s[j] + s[j + width];
+  for (int r = 0; r < R; ++r) {
+    if (dx[r] != nullptr) scaled_run(dx[r] + i, w[r], g + i, len - i);
+    if (x[r] == nullptr) {
+      dot[r] = acc_t(0);
+      continue;
+    }
+    for (int64_t t = i, j = 0; t < len; ++t, ++j) s[r][j] = s[r][j] + g[t] * load(x[r], t);
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int j = 0; j < width; ++j) s[r][j] = s[r][j] + s[r][j + width];
+    }
+    dot[r] = s[r][0];
   }
-  return s[0];
+}
+
+template <typename scalar_t, typename acc_t>
+SP_INLINE void backward_inputs_n(
+    int n, const acc_t* g, const scalar_t* const* xs, scalar_t* const* dxs, const acc_t* w, const bool* read,
+    acc_t* dot, int64_t start, int64_t len) {
+  switch (n) {
+    case 8: backward_inputs<8>(g, xs, dxs, w, read, dot, start, len); break;
+    case 7: backward_inputs<7>(g, xs, dxs, w, read, dot, start, len); break;
+    case 6: backward_inputs<6>(g, xs, dxs, w, read, dot, start, len); break;
+    case 5: backward_inputs<5>(g, xs, dxs, w, read, dot, start, len); break;
+    case 4: backward_inputs<4>(g, xs, dxs, w, read, dot, start, len); break;
+    case 3: backward_inputs<3>(g, xs, dxs, w, read, dot, start, len); break;
+    case 2: backward_inputs<2>(g, xs, dxs, w, read, dot, start, len); break;
+    default: backward_inputs<1>(g, xs, dxs, w, read, dot, start, len);
+  }
 }
 
 // On [start, start + len): dxs[k] = w[k] * grad where dxs[k] is not null,
 // and, when dots is not null, dots[k] = <grad, xs[k]>; with skip_zero,
-// dots[k] = 0 where w[k] is 0, and xs[k] is not read.
+// dots[k] = 0 where w[k] is 0, and xs[k] is not read. The inputs go
+// kBackwardStreams at a time (backward_inputs); with non-temporal stores
+// (opt-in), one after the other.
 template <typename scalar_t, typename acc_t>
 SP_INLINE void backward_segment(
     const scalar_t* grad, const scalar_t* const* xs, const acc_t* w, int64_t K,
     scalar_t* const* dxs, acc_t* dots, bool skip_zero, bool stream, int64_t start, int64_t len) {
   alignas(64) acc_t g[kBlock];
   for (int64_t i = 0; i < len; ++i) g[i] = load(grad + start, i);
-  for (int64_t k = 0; k < K; ++k) {
-    if (dxs[k] != nullptr) {
-      scalar_t* dx = dxs[k] + start;
-      const acc_t wk = w[k];
-      if (wk == acc_t(0)) {  // exactly 0, also where grad holds inf or NaN
-        for (int64_t i = 0; i < len; ++i) store(dx, i, acc_t(0));
-      } else if (stream) {
+  if (stream) {
+    for (int64_t k = 0; k < K; ++k) {
+      if (dxs[k] != nullptr) {
         alignas(64) acc_t t[kBlock];
-        for (int64_t i = 0; i < len; ++i) t[i] = wk * g[i];
-        write_run(dx, t, len, stream);
-#if SP_NATIVE_BF16
-      } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        native_bf16_run<true>(dx, wk, g, len);
-#endif
-      } else {
-        for (int64_t i = 0; i < len; ++i) store(dx, i, wk * g[i]);
+        for (int64_t i = 0; i < len; ++i) t[i] = w[k] == acc_t(0) ? acc_t(0) : w[k] * g[i];
+        write_run(dxs[k] + start, t, len, stream);
       }
     }
-    if (dots != nullptr) {
-      dots[k] = skip_zero && w[k] == acc_t(0) ? acc_t(0) : dot(g, xs[k] + start, len);
+  }
+  scalar_t* const no_dx[kBackwardStreams] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kBackwardStreams) {
+    const int n = static_cast<int>(std::min<int64_t>(kBackwardStreams, K - k0));
+    bool read[kBackwardStreams];
+    bool any = false;
+    for (int r = 0; r < n; ++r) {
+      read[r] = dots != nullptr && !(skip_zero && w[k0 + r] == acc_t(0));
+      any = any || read[r] || (!stream && dxs[k0 + r] != nullptr);
     }
+    if (!any) {
+      if (dots != nullptr) std::fill(dots + k0, dots + k0 + n, acc_t(0));
+      continue;
+    }
+    acc_t dot[kBackwardStreams];
+    const scalar_t* const* x = xs != nullptr ? xs + k0 : nullptr;  // no inputs without dots
+    backward_inputs_n(n, g, x, stream ? no_dx : dxs + k0, w + k0, read, dot, start, len);
+    if (dots != nullptr) std::copy(dot, dot + n, dots + k0);
   }
 }
 
