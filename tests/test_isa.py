@@ -27,15 +27,21 @@ def bits(t):
 gen = torch.Generator().manual_seed(0)
 digest = hashlib.sha256()
 for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-    for shape, rows in (((3000,), 0), ((7, 33, 5), 1), ((4, 5000), 1), ((2, 3, 4), 3), ((37,), 0)):
-        xs = [(10 * torch.randn(shape, generator=gen)).to(dtype) for _ in range(5)]
+    # K = 19: a forward of two passes (16 inputs, then 3) and a backward of
+    # three chunks (8, 8, 3), with one weight exactly 0.
+    for (shape, rows), K in [(c, 5) for c in (((3000,), 0), ((7, 33, 5), 1), ((4, 5000), 1), ((2, 3, 4), 3),
+                                              ((37,), 0))] + [(((4100,), 0), 19), (((3, 700), 1), 19)]:
+        xs = [(10 * torch.randn(shape, generator=gen)).to(dtype) for _ in range(K)]
         flat = xs[0].view(-1)
         flat[:3] = torch.tensor([float("nan"), -float("nan"), float("inf")]).to(dtype)
         if dtype in (torch.float32, torch.bfloat16):  # results below the smallest normal number
             for x in xs:
                 x.view(-1)[3:20] = torch.full((17,), 3e-39).to(dtype)
         xs = [x.requires_grad_() for x in xs]
-        logits = torch.randn(*shape[:rows], 5, generator=gen).requires_grad_()
+        logits = torch.randn(*shape[:rows], K, generator=gen)
+        if K > 5:
+            logits[..., 2] = -float("inf")
+        logits.requires_grad_()
         out = sp.softmax_weighted_sum(logits, xs)
         w = torch.softmax(logits.detach().to(reference.acc_dtype(dtype)), -1)
         ref = reference.weighted_sum(w, [x.detach() for x in xs])

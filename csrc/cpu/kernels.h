@@ -130,9 +130,8 @@ SP_INLINE void write_run(T* dst, const A* src, int64_t len, bool stream) {
 }
 
 // acc (+)= sum over r < R of w[r] * x[r][start + i], for i < len: R input
-// streams advance together. Direct (with First): the sums go to
-// out[start + i] instead, converted from registers kLanes at a time, with
-// no pass through acc.
+// streams advance together. Direct: the sums go to out[start + i] instead,
+// converted from registers kLanes at a time.
 template <int R, bool First, bool Direct, typename scalar_t, typename acc_t>
 SP_INLINE void accumulate(
     acc_t* acc, scalar_t* out, const scalar_t* const* xs, const acc_t* w, int64_t start, int64_t len) {
@@ -197,8 +196,9 @@ SP_INLINE void forward_segment(
       n = 0;
     }
   }
-  if (n > 0 && first && !stream) {  // one pass: straight to the output
-    accumulate_n<true, true>(n, acc, out, live_x, live_w, start, len);
+  if (n > 0 && !stream) {  // the last pass writes the output from registers
+    first ? accumulate_n<true, true>(n, acc, out, live_x, live_w, start, len)
+          : accumulate_n<false, true>(n, acc, out, live_x, live_w, start, len);
     return;
   }
   if (n > 0) {
