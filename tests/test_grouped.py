@@ -45,6 +45,17 @@ def grads(outputs, tensors, seed=1):
     return dict(zip(map(id, want), got))
 
 
+def assert_same_grads(out, ref, weights, groups):
+    """The gradients of the weights and of the members that require grad,
+    through `out` and through `ref`, are bitwise equal."""
+    members = [x for group in groups for x in group]
+    got, want = grads(out, [weights, *members]), grads(ref, [weights, *members])
+    assert torch.equal(got[id(weights)], want[id(weights)])
+    for x in members:
+        if x.requires_grad:
+            assert torch.equal(got[id(x)], want[id(x)])
+
+
 @pytest.mark.parametrize("G", [1, 7, 50])
 @pytest.mark.parametrize("device", DEVICES)
 def test_matches_a_loop_of_single_calls(G, device):
@@ -60,12 +71,7 @@ def test_matches_a_loop_of_single_calls(G, device):
     for o, r in zip(out, ref):
         assert o.shape == r.shape and o.dtype == r.dtype
         assert torch.equal(o, r)
-    members = [x for group in groups for x in group]
-    got, want = grads(out, [logits, *members]), grads(ref, [logits, *members])
-    assert torch.equal(got[id(logits)], want[id(logits)])
-    for x in members:
-        if x.requires_grad:
-            assert torch.equal(got[id(x)], want[id(x)])
+    assert_same_grads(out, ref, logits, groups)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -188,12 +194,7 @@ def test_cuda_one_launch_per_dtype_gives_the_bits_of_single_calls(K):
            for g, (d, group) in enumerate(zip(dtypes, groups))]
     for o, r in zip(out, ref):
         assert torch.equal(o, r)
-    members = [x for group in groups for x in group]
-    got, want = grads(out, [w, *members]), grads(ref, [w, *members])
-    assert torch.equal(got[id(w)], want[id(w)])
-    for x in members:
-        if x.requires_grad:
-            assert torch.equal(got[id(x)], want[id(x)])
+    assert_same_grads(out, ref, w, groups)
 
 
 def test_gradcheck_and_gradgradcheck():
