@@ -146,7 +146,9 @@ SP_INLINE void accumulate(
     for (int r = 1; r < R; ++r) a = a + wr[r] * load(x[r], i);
     return a;
   };
-  if constexpr (Direct) {
+  if constexpr (Direct && std::is_same_v<scalar_t, acc_t>) {  // nothing to convert
+    for (int64_t i = 0; i < len; ++i) out[start + i] = sum(i);
+  } else if constexpr (Direct) {
     int64_t i = 0;
     for (; i + kLanes <= len; i += kLanes) {
       acc_t a[kLanes];
