@@ -146,7 +146,10 @@ SP_INLINE void accumulate(
     for (int r = 1; r < R; ++r) a = a + wr[r] * load(x[r], i);
     return a;
   };
-  if constexpr (Direct && std::is_same_v<scalar_t, acc_t>) {  // nothing to convert
+  if constexpr (Direct && std::is_same_v<scalar_t, acc_t> && R <= 8) {
+    // Nothing to convert: each sum straight to the output. (With more
+    // streams this loop compiled to slower code than the strips below:
+    // K = 13 float32, 6.9 against 4.1 ms.)
     for (int64_t i = 0; i < len; ++i) out[start + i] = sum(i);
   } else if constexpr (Direct) {
     int64_t i = 0;
