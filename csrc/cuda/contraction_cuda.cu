@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "../contraction.h"
 
@@ -476,10 +477,10 @@ struct GroupedLaunch {
   int64_t blocks = 0;
 
   template <typename scalar_t, typename acc_t>
-  static GroupedLaunch make(c10::ArrayRef<Contraction> cs, bool backward) {
+  static GroupedLaunch make(const std::vector<const Contraction*>& cs, bool backward) {
     GroupedLaunch l;
     constexpr int V = kVecBytes / sizeof(scalar_t);
-    const int64_t G = static_cast<int64_t>(cs.size()), K = cs[0].K;
+    const int64_t G = static_cast<int64_t>(cs.size()), K = cs[0]->K;
     const int64_t size = (G + 1) + G * kRecord + G * K * (backward ? 2 : 1);
     at::Tensor host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
     int64_t* first = host.mutable_data_ptr<int64_t>();
@@ -489,7 +490,7 @@ struct GroupedLaunch {
     int64_t partial_count = 0;
     first[0] = 0;
     for (int64_t j = 0; j < G; ++j) {
-      const Contraction& c = cs[j];
+      const Contraction& c = *cs[j];
       const bool vec = vectorizable<scalar_t>(c);
       // The single-call tiles: the forward's grid-stride loop has no tiles,
       // so any length gives its bits; the backward's is launch_backward's.
@@ -513,7 +514,7 @@ struct GroupedLaunch {
     }
     l.blocks = first[G];
     TORCH_CHECK(l.blocks < (int64_t{1} << 31), "simplex_param: too many tiles for one CUDA launch: ", l.blocks);
-    const at::TensorOptions on_device = at::TensorOptions().device(cs[0].device);
+    const at::TensorOptions on_device = at::TensorOptions().device(cs[0]->device);
     if (partial_count > 0) {
       l.partials = at::empty({partial_count}, on_device.dtype(c10::CppTypeToScalarType<acc_t>::value));
       for (int64_t j = 0; j < G; ++j) {
@@ -530,28 +531,28 @@ struct GroupedLaunch {
   }
 };
 
-// The contractions of `cs`, split by dtype; f(copies of those of one dtype).
+// The contractions of `cs`, split by dtype; f(pointers to those of one dtype).
 template <typename F>
 void by_dtype(c10::ArrayRef<Contraction> cs, F&& f) {
   std::vector<bool> done(cs.size(), false);
   for (size_t i = 0; i < cs.size(); ++i) {
     if (done[i]) continue;
-    std::vector<Contraction> same;
+    std::vector<const Contraction*> same;
     for (size_t j = i; j < cs.size(); ++j) {
       if (!done[j] && cs[j].dtype == cs[i].dtype) {
-        same.push_back(cs[j]);
+        same.push_back(&cs[j]);
         done[j] = true;
       }
     }
-    f(c10::ArrayRef<Contraction>(same));
+    f(same);
   }
 }
 
 void forward_batch_cuda(c10::ArrayRef<Contraction> cs) {
   const c10::cuda::CUDAGuard guard(cs[0].device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  by_dtype(cs, [&](c10::ArrayRef<Contraction> same) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, same[0].dtype, "simplex_param_grouped_forward_cuda", [&] {
+  by_dtype(cs, [&](const std::vector<const Contraction*>& same) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, same[0]->dtype, "simplex_param_grouped_forward_cuda", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       constexpr int V = kVecBytes / sizeof(scalar_t);
       const GroupedLaunch launch = GroupedLaunch::make<scalar_t, acc_t>(same, /*backward=*/false);
@@ -564,13 +565,13 @@ void forward_batch_cuda(c10::ArrayRef<Contraction> cs) {
 void backward_batch_cuda(c10::ArrayRef<Contraction> cs) {
   const c10::cuda::CUDAGuard guard(cs[0].device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  by_dtype(cs, [&](c10::ArrayRef<Contraction> same) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, same[0].dtype, "simplex_param_grouped_backward_cuda", [&] {
+  by_dtype(cs, [&](const std::vector<const Contraction*>& same) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, same[0]->dtype, "simplex_param_grouped_backward_cuda", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       constexpr int V = kVecBytes / sizeof(scalar_t);
       const GroupedLaunch launch = GroupedLaunch::make<scalar_t, acc_t>(same, /*backward=*/true);
       grouped_backward_kernel<scalar_t, acc_t, V><<<launch.blocks, kThreads, 0, stream>>>(
-          launch.view, same[0].skip_zero_weights);
+          launch.view, same[0]->skip_zero_weights);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (launch.partials.defined()) {
         const int64_t count = launch.view.G * launch.view.K;
