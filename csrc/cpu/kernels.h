@@ -185,6 +185,12 @@ template <typename scalar_t, typename acc_t>
 SP_INLINE void forward_segment(
     const scalar_t* const* xs, const acc_t* w, int64_t K, scalar_t* out, int64_t start, int64_t len, bool stream,
     int streams) {
+  if (!stream && K <= streams && std::find(w, w + K, acc_t(0)) == w + K) {
+    // One pass over every input, straight to the output: no list of live
+    // inputs and no accumulator (which cost 3% on rows of 768 elements).
+    accumulate_n<true, true>(static_cast<int>(K), static_cast<acc_t*>(nullptr), out, xs, w, start, len);
+    return;
+  }
   alignas(64) acc_t acc[kBlock];
   const scalar_t* live_x[kMaxStreams];
   acc_t live_w[kMaxStreams];
@@ -231,6 +237,41 @@ SP_INLINE void scaled_run(scalar_t* dx, acc_t w, const acc_t* g, int64_t len) {
   }
 }
 
+// dx[j] = w * g[j] for j < kLanes, w not 0, converted.
+template <typename scalar_t, typename acc_t>
+SP_INLINE void scaled_lanes(scalar_t* __restrict dx, acc_t w, const acc_t* __restrict g) {
+#if SP_NATIVE_BF16
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    native_bf16_run<true>(dx, w, g, kLanes);
+    return;
+  }
+#endif
+  for (int j = 0; j < kLanes; ++j) store(dx, j, w * g[j]);
+}
+
+// The whole kLanes steps of backward_inputs when every input is treated
+// alike: Write, each dx[r] written (no weight 0); Read, each x[r] read.
+// With the tests out of the loop, the partial sums stay in registers instead
+// of being loaded and stored at every step (K = 8 float32, 3M elements, 2
+// threads: 9% to 3-5% slower than a plain AVX-512 intrinsics loop; fully
+// unrolling the 32 lanes as well was slower, and doubled the build). The same
+// operations in the same order: the same bits. Returns the elements done.
+template <int R, bool Write, bool Read, typename scalar_t, typename acc_t>
+SP_INLINE int64_t uniform_lanes(
+    const acc_t* __restrict g, const scalar_t* const* x, scalar_t* const* dx, const acc_t* w, acc_t (&s)[R][kLanes], int64_t len) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if constexpr (Write) scaled_lanes(dx[r] + i, w[r], g + i);
+      if constexpr (Read) {
+        for (int j = 0; j < kLanes; ++j) s[r][j] = s[r][j] + g[i + j] * load(x[r], i + j);
+      }
+    }
+  }
+  return i;
+}
+
 // Inputs per interleaved pass of the backward: 2 * R accumulator registers
 // of 16 float32 lanes on AVX-512.
 constexpr int kBackwardStreams = 8;
@@ -244,7 +285,7 @@ constexpr int kBackwardStreams = 8;
 // false, and x_r is then not read.
 template <int R, typename scalar_t, typename acc_t>
 SP_INLINE void backward_inputs(
-    const acc_t* g, const scalar_t* const* xs, scalar_t* const* dxs, const acc_t* w, const bool* read,
+    const acc_t* __restrict g, const scalar_t* const* xs, scalar_t* const* dxs, const acc_t* w, const bool* read,
     acc_t* dot, int64_t start, int64_t len) {
   acc_t s[R][kLanes] = {};
   const scalar_t* x[R];
@@ -253,7 +294,21 @@ SP_INLINE void backward_inputs(
     x[r] = read[r] ? xs[r] + start : nullptr;
     dx[r] = dxs[r] != nullptr ? dxs[r] + start : nullptr;
   }
+  bool write_all = true, write_none = true, read_all = true, read_none = true;
+  for (int r = 0; r < R; ++r) {
+    write_all = write_all && dx[r] != nullptr && w[r] != acc_t(0);
+    write_none = write_none && dx[r] == nullptr;
+    read_all = read_all && x[r] != nullptr;
+    read_none = read_none && x[r] == nullptr;
+  }
   int64_t i = 0;
+  if (write_all && read_all) {
+    i = uniform_lanes<R, true, true>(g, x, dx, w, s, len);
+  } else if (write_all && read_none) {
+    i = uniform_lanes<R, true, false>(g, x, dx, w, s, len);
+  } else if (write_none && read_all) {
+    i = uniform_lanes<R, false, true>(g, x, dx, w, s, len);
+  }
   for (; i + kLanes <= len; i += kLanes) {
     for (int r = 0; r < R; ++r) {
       if (dx[r] != nullptr) scaled_run(dx[r] + i, w[r], g + i, kLanes);
@@ -301,8 +356,13 @@ template <typename scalar_t, typename acc_t>
 SP_INLINE void backward_segment(
     const scalar_t* grad, const scalar_t* const* xs, const acc_t* w, int64_t K,
     scalar_t* const* dxs, acc_t* dots, bool skip_zero, bool stream, int64_t start, int64_t len) {
-  alignas(64) acc_t g[kBlock];
-  for (int64_t i = 0; i < len; ++i) g[i] = load(grad + start, i);
+  alignas(64) acc_t buffer[kBlock];
+  const acc_t* g = buffer;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    g = grad + start;  // nothing to convert: read in place (it never aliases dxs)
+  } else {
+    for (int64_t i = 0; i < len; ++i) buffer[i] = load(grad + start, i);
+  }
   if (stream) {
     for (int64_t k = 0; k < K; ++k) {
       if (dxs[k] != nullptr) {
