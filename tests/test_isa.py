@@ -56,6 +56,15 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         grads = torch.autograd.grad(out, [logits, *xs], grad)
         for t in (out, *grads):
             digest.update(bits(t).numpy().tobytes())
+# Weights that are not finite: inf * 0 and NaN * g are NaN products, which
+# each path must round alike (as c10 does).
+for dtype in (torch.float32, torch.bfloat16):
+    w = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0, -2.0, 0.5, 3.0, 1e-30])
+    xs = [torch.randn(4100, generator=gen).to(dtype).requires_grad_() for _ in range(8)]
+    grad = torch.randn(4100, generator=gen).to(dtype)
+    grad[::3] = 0
+    for t in torch.autograd.grad(sp.weighted_sum(w, xs), xs, grad):
+        digest.update(bits(t).numpy().tobytes())
 print(_ext.MODULE.cpu_capability(), digest.hexdigest())
 """
 

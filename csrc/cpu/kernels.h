@@ -238,13 +238,17 @@ SP_INLINE void scaled_run(scalar_t* dx, acc_t w, const acc_t* g, int64_t len) {
 }
 
 // Whether w[r] * g[j], for r < R and j < len, is never NaN nor subnormal,
-// the products that vcvtneps2bf16 rounds unlike c10: a test of g alone,
-// against the smallest |w[r]| (none 0). Products of at least 2^-125 in
-// magnitude stay normal once rounded.
+// the products that vcvtneps2bf16 rounds unlike c10: the weights finite
+// (none 0), and a test of g alone against the smallest |w[r]|. Products of
+// at least 2^-125 in magnitude stay normal once rounded.
 template <int R>
 SP_INLINE bool normal_products(const float* g, const float* w, int64_t len) {
-  float w_min = w[0] < 0 ? -w[0] : w[0];
-  for (int r = 1; r < R; ++r) w_min = std::min(w_min, w[r] < 0 ? -w[r] : w[r]);
+  float w_min = std::numeric_limits<float>::max();
+  for (int r = 0; r < R; ++r) {
+    const float a = w[r] < 0 ? -w[r] : w[r];
+    if (!(a <= std::numeric_limits<float>::max())) return false;  // inf or NaN: inf * 0 is NaN
+    w_min = std::min(w_min, a);
+  }
   const float tiny = 0x1p-125f / w_min;
   int bad = 0;  // g[j] not 0 and not at least tiny in magnitude (NaN included)
   for (int64_t j = 0; j < len; ++j) bad |= (g[j] != 0.0f) & !(g[j] >= tiny) & !(g[j] <= -tiny);
