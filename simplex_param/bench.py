@@ -171,9 +171,11 @@ def _sample(step, calls, device, faults=None):
 def _median_times(steps, repeats, device, target_s, faults=None):
     """Median seconds per call of each step: a warm-up, then `repeats` samples
     taken round-robin, each of enough calls to last about `target_s`. The
-    order rotates from one round to the next, so that no step always follows
-    the same one. `faults`, a dict, gets each step's median page faults per
-    call."""
+    order rotates from one round to the next, and every other cycle of
+    rotations runs it backwards: a rotation alone keeps the cyclic order, so
+    the same step would always follow the floor's copy and pay for the
+    cache it leaves dirty. `faults`, a dict, gets each step's median page
+    faults per call."""
     for step in steps.values():
         step()
         step()
@@ -182,7 +184,10 @@ def _median_times(steps, repeats, device, target_s, faults=None):
     names = list(steps)
     fault_samples = {name: [] for name in steps}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        order = names[r % len(names):] + names[: r % len(names)]
+        if (r // len(names)) % 2:
+            order.reverse()
+        for name in order:
             samples[name].append(_sample(steps[name], calls[name], device, fault_samples[name]))
     if faults is not None:
         faults.update({name: statistics.median(f) for name, f in fault_samples.items()})

@@ -40,6 +40,14 @@ def test_samples_rotate_and_count_page_faults():
     assert [rounds[i] for i in (0, 3, 6)] == ["a", "b", "c"]  # each goes first once
     assert sorted(rounds) == sorted("abc" * 3)
 
+    # Over two cycles, each step comes right after each other step in a
+    # round: none always follows the same one (the floor's copy, say).
+    order.clear()
+    bench._median_times(steps, 6, torch.device("cpu"), 0.0)
+    rounds = ["".join(order[-18:][i:i + 3]) for i in range(0, 18, 3)]
+    followed = {(r[j], r[j + 1]) for r in rounds for j in range(2)}
+    assert followed == {(a, b) for a in "abc" for b in "abc" if a != b}, rounds
+
     resource = pytest.importorskip("resource")
     import mmap
 
