@@ -74,15 +74,17 @@ SP_INLINE __mmask16 unlike_c10(__m512 v) {
       (_mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x00800000)) & _mm512_test_epi32_mask(a, a));
 }
 
-// dst[i] = scale * src[i] (scale_src) or src[i], in bfloat16: 16 lanes at a
-// time with vcvtneps2bf16, the lanes unlike_c10 rounded as store() does.
-template <bool Scale>
+// dst[i] = scale * src[i] (Scale) or src[i], in bfloat16: 16 lanes at a
+// time with vcvtneps2bf16, the lanes unlike_c10 rounded as store() does
+// (unless !Patch, where the caller knows there are none).
+template <bool Scale, bool Patch = true>
 SP_INLINE void native_bf16_run(c10::BFloat16* dst, float scale, const float* src, int64_t len) {
   const __m512 w = _mm512_set1_ps(scale);
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
     const __m512 v = Scale ? _mm512_mul_ps(w, _mm512_loadu_ps(src + i)) : _mm512_loadu_ps(src + i);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    if (!Patch) continue;
     if (const __mmask16 special = unlike_c10(v)) {
       for (int j = 0; j < 16; ++j) {
         if (special & (1u << j)) store(dst, i + j, Scale ? scale * src[i + j] : src[i + j]);
@@ -261,11 +263,7 @@ template <typename scalar_t, typename acc_t>
 SP_INLINE void scaled_lanes(scalar_t* __restrict dx, acc_t w, const acc_t* __restrict g) {
 #if SP_NATIVE_BF16
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    const __m512 wv = _mm512_set1_ps(w);
-    for (int j = 0; j < kLanes; j += 16) {
-      const __m512 v = _mm512_mul_ps(wv, _mm512_loadu_ps(g + j));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dx + j), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-    }
+    native_bf16_run</*Scale=*/true, /*Patch=*/false>(dx, w, g, kLanes);
     return;
   }
 #endif
