@@ -7,7 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-stamp
 BUILT := $(VENV)/.built-stamp
-SOURCES := setup.py simplex_param/errors.def $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+# What the build depends on: the sources of csrc/sources.txt (the one list),
+# every header, and what setup.py reads.
+SOURCES := setup.py csrc/sources.txt simplex_param/_version.py simplex_param/errors.def \
+	$(shell sed -e 's/\#.*//' csrc/sources.txt) $(shell find csrc -name '*.h' -o -name '*.cuh')
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
 .PHONY: setup demo test test-compiled test-fallback bench clean
@@ -40,7 +43,13 @@ bench: setup
 	$(PY) -m simplex_param bench
 
 clean:
-	rm -rf build *.egg-info simplex_param/_C*.so
+	rm -rf build *.egg-info simplex_param/_C*.so simplex_param/_build_info.json
+
+# The sdist, a wheel built from it and installed into a clean venv with
+# only torch, then called from outside the tree (scripts/package_smoke.sh).
+.PHONY: package-check
+package-check: $(DEPS)
+	PY=$(PY) TORCH_SPEC="$(TORCH_SPEC)" bash scripts/package_smoke.sh
 
 # The CUDA kernels built against a CUDA build of torch, in .venv-cuda and out
 # of tree, and their registration checked without a GPU (docs/cuda.md).

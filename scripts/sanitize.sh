@@ -24,13 +24,16 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 # cpp_extension.load also loads what it builds, hence the preload; the
 # compiler it runs must not inherit it.
 FLAGS='["-O1", "-g", "-ffp-contract=off", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-fopenmp"]'
+# The C++ sources of csrc/sources.txt, without the CUDA ones (.cu).
 LD_PRELOAD="$ASAN_LIB" "$PY" - <<PYEOF
-import glob, os
+import os
 os.environ.pop("LD_PRELOAD")
 from torch.utils import cpp_extension
+with open("csrc/sources.txt") as f:
+    paths = [p for p in (line.split("#", 1)[0].strip() for line in f) if p]
 cpp_extension.load(
     name="simplex_param_sanitize",
-    sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
+    sources=[p for p in paths if not p.endswith(".cu")],
     build_directory="$BUILD",
     extra_cflags=$FLAGS,
     extra_ldflags=["-fsanitize=address,undefined", "-fopenmp"],

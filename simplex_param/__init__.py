@@ -5,6 +5,7 @@ softmax-and-weighted-sum operator (C++/CUDA kernels registered with
 ``torch.library``, with a pure-PyTorch fallback), and fusion layers built on it.
 """
 from ._ext import extension_loaded
+from ._version import __version__
 from .ops import (
     grouped_simplex_weighted_sum,
     grouped_softmax_weighted_sum,
@@ -20,8 +21,6 @@ from .soup import LearnedSoup
 from .search import MixedOp, architecture_parameters, set_temperature, split_parameters
 from .diagnostics import entropy, summary, zero_one_loss
 from .weightlog import WeightLogger
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Simplex",
