@@ -1,4 +1,6 @@
 """Shared devices, dtypes and tolerances for the tests."""
+import os
+
 import pytest
 import torch
 
@@ -36,3 +38,28 @@ def pytest_report_header(config):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+# make stress-dist: SIMPLEX_PARAM_STRESS=N runs every test marked
+# `multiprocess` N times, then counts the passes, failures and aborts.
+STRESS = int(os.environ.get("SIMPLEX_PARAM_STRESS", "0") or 0)
+
+
+def pytest_generate_tests(metafunc):
+    if STRESS and metafunc.definition.get_closest_marker("multiprocess"):
+        metafunc.fixturenames.append("stress_run")
+        metafunc.parametrize("stress_run", range(STRESS), ids=lambda i: f"run{i}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not STRESS:
+        return
+    stats = terminalreporter.stats
+    passed = [r for r in stats.get("passed", []) if r.when == "call"]
+    failed = [r for r in stats.get("failed", [])]
+    aborted = [r for r in failed if "killed by signal" in r.longreprtext]
+    teardown = [w for w in stats.get("warnings", []) if "died in teardown" in w.message]
+    terminalreporter.write_line(
+        f"stress-dist: {len(passed) + len(failed)} runs of {STRESS} rounds: {len(passed)} passed, "
+        f"{len(failed)} failed, of which {len(aborted)} aborted (a worker killed by a signal before it "
+        f"reported); {len(teardown)} deaths in teardown after a reported result")

@@ -1,27 +1,20 @@
 """DistributedDataParallel over Simplex-parametrized modules and a learned
 soup: 2 processes on CPU with the gloo backend end with identical weights,
 equal to one process trained on the whole batch."""
-import datetime
-import os
-import socket
-import time
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+import multiprocess
 import simplex_param as sp
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(not multiprocess.available(), reason="torch.distributed with gloo is not available"),
+    pytest.mark.multiprocess,
+]
 
 WORLD = 2
 STEPS = 4
-TIMEOUT_S = 120  # of the process group
-JOIN_TIMEOUT_S = 300  # of the whole run, start-up of both workers included
 
 
 class Mixer(nn.Module):
@@ -67,53 +60,22 @@ def train(model, xs, target):
         opt.step()
 
 
-def worker(rank, port, out_dir, kind):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
-    try:
-        model, xs, target = make_model_and_data(kind)
-        if rank == 1:  # a different start, which DDP overwrites with rank 0's
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(1.0)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        shard = slice(rank * 4, rank * 4 + 4)  # equal shards: the mean of the shard losses is the full loss
-        train(ddp, xs[..., shard, :], target[shard])
-        torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # both ranks done before the group is torn down
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def train_shard(rank, world_size, kind):
+    """One rank's run (tests/multiprocess.py): DDP on its half of the batch."""
+    model, xs, target = make_model_and_data(kind)
+    if rank == 1:  # a different start, which DDP overwrites with rank 0's
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    shard = slice(rank * 4, rank * 4 + 4)  # equal shards: the mean of the shard losses is the full loss
+    train(ddp, xs[..., shard, :], target[shard])
+    return model.state_dict()
 
 
 @pytest.mark.parametrize("kind", ["mixer", "soup"])
-def test_ddp_gloo_two_processes(tmp_path, monkeypatch, kind):
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # inherited by the workers: loopback only
-    ctx = mp.start_processes(worker, args=(free_port(), str(tmp_path), kind), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the DDP workers did not finish within {JOIN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+def test_ddp_gloo_two_processes(kind):
+    states = multiprocess.run(train_shard, kind, world_size=WORLD)
     assert states[0].keys() == states[1].keys()
     if kind == "mixer":
         assert "parametrizations.mix.original" in states[0]
