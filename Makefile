@@ -34,10 +34,10 @@ test: test-compiled test-fallback
 
 test-compiled: setup
 	$(PY) -c "import simplex_param as sp, sys; sys.exit(0 if sp.extension_loaded() else 'extension not loaded')"
-	$(PYTEST) tests
+	$(PYTEST) -m "not faults" tests
 
 test-fallback: setup
-	SIMPLEX_PARAM_DISABLE_EXTENSION=1 $(PYTEST) tests
+	SIMPLEX_PARAM_DISABLE_EXTENSION=1 $(PYTEST) -m "not faults" tests
 
 bench: setup
 	$(PY) -m simplex_param bench
@@ -67,3 +67,22 @@ gpu-check:
 .PHONY: sanitize
 sanitize: $(DEPS)
 	PY=$(PY) scripts/sanitize.sh
+
+# The CUDA kernels and launches executed on the CPU through the HIP CPU
+# runtime (HIP_CPU_DIR, default ../shared/hip-cpu; needs libtbb-dev): every
+# case against the oracle, results saved for gpu-check, then three faults
+# injected into a copy of csrc/cuda must be caught. Skips, saying why,
+# where the runtime or TBB is missing. docs/cuda.md.
+.PHONY: cuda-emulate
+cuda-emulate: setup
+	@$(PY) tests/cuda_emulation/check.py --save build/cuda-emulate/results.json; rc=$$?; \
+	if [ $$rc -eq 2 ]; then exit 0; elif [ $$rc -ne 0 ]; then exit $$rc; fi; \
+	$(PYTEST) -m faults tests/test_cuda_emulation.py
+
+# The multi-process tests (marker `multiprocess`, tests/multiprocess.py)
+# STRESS_RUNS times each; prints the passes, failures and aborts. Not part
+# of `make test`.
+STRESS_RUNS ?= 200
+.PHONY: stress-dist
+stress-dist: setup
+	SIMPLEX_PARAM_STRESS=$(STRESS_RUNS) $(PYTEST) -m multiprocess tests

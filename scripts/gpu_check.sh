@@ -8,6 +8,8 @@
 #   build      the extension with its CUDA kernels, in place, for
 #              TORCH_CUDA_ARCH_LIST (default 9.0), without network
 #   import     the extension loads and has a CUDA kernel for every op
+#   emulated-cases  the cases of `make cuda-emulate` on the GPU, against the
+#              oracle and bit for bit against build/cuda-emulate/results.json
 #   tests-cuda the test suite's CUDA cases and device-free cases (-k "not cpu")
 #   bench      scripts/bench_cuda.py: fraction of the copy bandwidth
 #   memcheck   compute-sanitizer memcheck on scripts/sanitize_case.py
@@ -101,6 +103,7 @@ write_summary() {
       cat "$OUT_DIR/bench.md"
       echo
     fi
+    grep -E '^gpu-cases:' "$LOG" 2>/dev/null
     grep -E 'ERROR SUMMARY|sanitize_case:' "$OUT_DIR/sanitizer.log" 2>/dev/null
     echo
     echo "total: $(($(date +%s) - START)) s"
@@ -144,6 +147,17 @@ x = [torch.ones(3, device='cuda') for _ in range(2)]
 print('smoke:', sp.softmax_weighted_sum(torch.zeros(2, device='cuda'), x).tolist())
 sys.exit('no CUDA kernel for: ' + ', '.join(missing) if missing else 0)
 "
+
+# --- the emulation's cases on the GPU ----------------------------------------
+# The cases of `make cuda-emulate` (tests/cuda_emulation/) run by the real
+# kernels: against the oracle, and bit for bit against the emulated results
+# when `make cuda-emulate` saved them (carry build/cuda-emulate/results.json).
+EMULATED=build/cuda-emulate/results.json
+if [ -f "$EMULATED" ]; then
+  stage emulated-cases 120 "$PY" tests/cuda_emulation/check.py --device cuda --compare "$EMULATED" --save "$OUT_DIR/gpu-results.json"
+else
+  stage emulated-cases 120 "$PY" tests/cuda_emulation/check.py --device cuda --save "$OUT_DIR/gpu-results.json"
+fi
 
 # --- tests -------------------------------------------------------------------
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs --continue-on-collection-errors)

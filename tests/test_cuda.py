@@ -30,7 +30,18 @@ def check_against_reference(kind, logits, xs, leaves, temperature=0.7):
         expected = reference.weighted_sum(logits, xs)
     dtype = xs[0].dtype
     assert out.dtype == dtype and out.shape == xs[0].shape
-    assert_close(out, expected)
+    if kind == "plain" and dtype == torch.float32:
+        # Unnormalised weights and up to 100 inputs: the float32 reference
+        # rounds as much as the kernel. Against the sum in float64, the
+        # kernel's K fused multiply-adds err by at most K u sum_k |w_k x_k|.
+        # (The first GPU run failed assert_close here at K = 32 and 100:
+        # 2.3e-6 and 3.2e-6 against 1e-6 allowed, docs/cuda.md.)
+        exact = reference.weighted_sum(logits.double(), [x.double() for x in xs])
+        size = sum(w.abs().double() * x.abs().double() for w, x in zip(logits.detach(), xs))
+        bound = len(xs) * 2.0**-24 * size + 2.0**-24 * exact.abs()
+        assert ((out.double() - exact).abs() <= bound).all()
+    else:
+        assert_close(out, expected)
     g = torch.randn_like(out)
     got, want = grads(out, leaves, g), grads(expected, leaves, g)
     # The weight gradient sums many products: a float32-like tolerance at best.

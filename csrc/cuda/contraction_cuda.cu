@@ -1,25 +1,13 @@
-// CUDA kernels of the contraction (contraction.h), forward and backward.
+// The CUDA backend of the contraction: the runtime policy of the launches
+// (launch.cuh) on a real GPU, and the ops' CUDA entry points. The kernels
+// are in kernels.cuh; the same kernels and launches run on the CPU in the
+// emulation (tests/cuda_emulation/, docs/cuda.md).
 //
-// Every operand is walked as a flat array in one layout (layout.h); row r
-// of the weights covers [r * row_len, (r + 1) * row_len). Launches go to the
-// current stream, with no host synchronisation:
-//   forward:  forward_kernel, grid-stride over the elements, reading every
-//             input once and writing the output once, with 16-byte vector
-//             loads when every pointer is aligned and no vector straddles
-//             two rows;
-//   backward: backward_kernel, one block per tile (a piece of one row),
-//             writing w[r, k] * g for the wanted inputs and, for the
-//             weights' gradient, one partial dot product <g, x_k> per tile;
-//             then finish_kernel sums each row's partials in a fixed order;
-//   grouped:  one launch per dtype over the tiles of all its groups, the
-//             groups' pointers in a table in device memory, copied there
-//             asynchronously (below); then, for the weights' gradient, one
-//             launch of the grouped finish_kernel.
-// No floating-point atomics: the same inputs on the same device give the
-// same bits, and a group of a grouped call the bits of its own call. The
-// single calls' K input pointers travel as kernel arguments, in chunks.
+// Launches go to the current stream, with no host synchronisation. The
+// grouped ops' tables are copied to the device asynchronously from pinned
+// memory (the caching host allocator keeps the buffer until the copy is
+// done).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -27,307 +15,62 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <type_traits>
+#include <tuple>
 #include <vector>
 
 #include "../contraction.h"
+#include "launch.cuh"
 
 namespace simplex_param {
+namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kVecBytes = 16;
-// Input pointers per forward launch; more inputs take several launches that
-// carry the running sum in an accumulation-type buffer.
-constexpr int kFwdChunk = 32;
-// Input pointers per backward launch: each thread keeps one dot-product
-// accumulator per input of the chunk in registers.
-constexpr int kBwdChunk = 16;
-// Vectors per thread in a backward tile.
-constexpr int kTileVecs = 8;
+struct GpuRuntime {
+  cudaStream_t stream;
 
-template <typename T, int N>
-struct Ptrs {
-  T* p[N];
+  int multiprocessors() const {
+    int dev = 0, count = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
+    return count;
+  }
+  at::TensorOptions scratch(at::Device device) const {
+    return at::TensorOptions().device(device);
+  }
+  at::Tensor host_table(int64_t size) const {
+    return at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  }
+  at::Tensor to_device(const at::Tensor& host, at::Device device) const {
+    return host.to(host.options().device(device), /*non_blocking=*/true);
+  }
+  template <typename... P>
+  void launch(void (*kernel)(P...), int64_t blocks, same_t<P>... args) const {
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 };
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int V, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load(const scalar_t* p, acc_t (&r)[V]) {
-  if constexpr (V == 1) {
-    r[0] = static_cast<acc_t>(p[0]);
-  } else {
-    const Pack<scalar_t, V> pack = *reinterpret_cast<const Pack<scalar_t, V>*>(p);
-#pragma unroll
-    for (int j = 0; j < V; ++j) r[j] = static_cast<acc_t>(pack.v[j]);
-  }
-}
-
-template <int V, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store(scalar_t* p, const acc_t (&r)[V]) {
-  if constexpr (V == 1) {
-    p[0] = static_cast<scalar_t>(r[0]);
-  } else {
-    Pack<scalar_t, V> pack;
-#pragma unroll
-    for (int j = 0; j < V; ++j) pack.v[j] = static_cast<scalar_t>(r[j]);
-    *reinterpret_cast<Pack<scalar_t, V>*>(p) = pack;
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// out (or acc_out, when more chunks follow) = sum over the chunk's kc inputs
-// of w[row, k] * x_k, plus acc_in when given. `w` points at the chunk's
-// first column; rows are K apart. V divides row_len unless there is one row.
-template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads)
-forward_kernel(
-    Ptrs<const scalar_t, kFwdChunk> xs, int kc, const acc_t* __restrict__ w, int64_t K, int64_t row_len,
-    const acc_t* acc_in, acc_t* acc_out,  // the same buffer in middle chunks
-    scalar_t* __restrict__ out, int64_t n) {
-  auto step = [&](auto v_tag, int64_t i) {
-    constexpr int VV = decltype(v_tag)::value;
-    const acc_t* wr = w + (i / row_len) * K;
-    acc_t acc[VV];
-#pragma unroll
-    for (int j = 0; j < VV; ++j) acc[j] = acc_in != nullptr ? acc_in[i + j] : acc_t(0);
-#pragma unroll 4
-    for (int k = 0; k < kc; ++k) {
-      const acc_t wk = wr[k];
-      if (wk == acc_t(0)) continue;  // an input of weight 0 is not read
-      acc_t x[VV];
-      load<VV>(xs.p[k] + i, x);
-#pragma unroll
-      for (int j = 0; j < VV; ++j) acc[j] = fma(wk, x[j], acc[j]);
-    }
-    if (acc_out != nullptr) {
-#pragma unroll
-      for (int j = 0; j < VV; ++j) acc_out[i + j] = acc[j];
-    } else {
-      store<VV>(out + i, acc);
-    }
-  };
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t nv = n / V;
-  for (int64_t v = tid; v < nv; v += stride) step(std::integral_constant<int, V>{}, v * V);
-  for (int64_t i = nv * V + tid; i < n; i += stride) step(std::integral_constant<int, 1>{}, i);
-}
-
-// One tile of the backward, [begin, end) of one row, for the chunk's kc
-// inputs (at most kBwdChunk): dxs[k] = wr[k] * grad where dxs[k] is not
-// null, and, when `dst` is not null, dst[k * stride] = <grad, xs[k]> over
-// the tile. Called by every thread of the block (it synchronises). end -
-// begin is a multiple of V unless the tile ends its contraction.
-template <typename scalar_t, typename acc_t, int V>
-__device__ __forceinline__ void backward_tile(
-    const scalar_t* __restrict__ grad, const Ptrs<const scalar_t, kBwdChunk>& xs,
-    const Ptrs<scalar_t, kBwdChunk>& dxs, int kc, const acc_t* __restrict__ wr, int64_t begin, int64_t end,
-    acc_t* __restrict__ dst, int64_t stride, bool skip_zero, acc_t (&dots)[kBwdChunk][kWarps]) {
-  const bool need_dot = dst != nullptr;
-  acc_t dot[kBwdChunk];
-#pragma unroll
-  for (int k = 0; k < kBwdChunk; ++k) dot[k] = 0;
-
-  auto step = [&](auto v_tag, int64_t i) {
-    constexpr int VV = decltype(v_tag)::value;
-    acc_t g[VV];
-    load<VV>(grad + i, g);
-#pragma unroll
-    for (int k = 0; k < kBwdChunk; ++k) {
-      if (k >= kc) continue;  // a constant trip count keeps dot[] in registers
-      if (dxs.p[k] != nullptr) {
-        acc_t d[VV];
-        const acc_t wk = wr[k];  // a zero weight gives exactly 0, also for inf or NaN in grad
-#pragma unroll
-        for (int j = 0; j < VV; ++j) d[j] = wk == acc_t(0) ? acc_t(0) : wk * g[j];
-        store<VV>(dxs.p[k] + i, d);
-      }
-      if (need_dot && !(skip_zero && wr[k] == acc_t(0))) {
-        acc_t x[VV];
-        load<VV>(xs.p[k] + i, x);
-#pragma unroll
-        for (int j = 0; j < VV; ++j) dot[k] = fma(g[j], x[j], dot[k]);
-      }
-    }
-  };
-  const int64_t nv = (end - begin) / V;
-  for (int64_t v = threadIdx.x; v < nv; v += kThreads) step(std::integral_constant<int, V>{}, begin + v * V);
-  for (int64_t i = begin + nv * V + threadIdx.x; i < end; i += kThreads) step(std::integral_constant<int, 1>{}, i);
-
-  if (!need_dot) return;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int k = 0; k < kBwdChunk; ++k) {
-    if (k >= kc) continue;
-    const acc_t s = warp_sum(dot[k]);
-    if (lane == 0) dots[k][warp] = s;
-  }
-  __syncthreads();
-  if (threadIdx.x < kc) {
-    acc_t s = dots[threadIdx.x][0];
-    for (int j = 1; j < kWarps; ++j) s += dots[threadIdx.x][j];
-    dst[threadIdx.x * stride] = s;
-  }
-  __syncthreads();  // dots[] is free for the next chunk
-}
-
-// Block b does tile (row, piece) = (b / pieces, b % pieces), the elements
-// [piece * tile_len, (piece + 1) * tile_len) of its row, for the chunk's
-// inputs; the dot products go to partials[(row * K + k) * pieces + piece]
-// (partials points at the chunk's first input). tile_len and row_len are
-// multiples of V unless there is one row.
-template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads)
-backward_kernel(
-    const scalar_t* __restrict__ grad, Ptrs<const scalar_t, kBwdChunk> xs, Ptrs<scalar_t, kBwdChunk> dxs,
-    int kc, const acc_t* __restrict__ w, int64_t K, int64_t row_len, int64_t pieces, int64_t tile_len,
-    acc_t* __restrict__ partials, bool skip_zero) {
-  __shared__ acc_t dots[kBwdChunk][kWarps];
-  const int64_t row = blockIdx.x / pieces, piece = blockIdx.x % pieces;
-  const int64_t begin = row * row_len + piece * tile_len;
-  const int64_t end = row * row_len + ((piece + 1) * tile_len < row_len ? (piece + 1) * tile_len : row_len);
-  acc_t* dst = partials != nullptr ? partials + row * K * pieces + piece : nullptr;
-  backward_tile<scalar_t, acc_t, V>(grad, xs, dxs, kc, w + row * K, begin, end, dst, pieces, skip_zero, dots);
-}
-
-// grad_w[i] = sum over p of partials[i * pieces + p], i < count, one warp
-// per i: lane j sums p = j, j + 32, ... in order, then a fixed shuffle tree.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-finish_kernel(const acc_t* __restrict__ partials, int64_t count, int64_t pieces, acc_t* __restrict__ grad_w) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (i >= count) return;  // whole warps leave together
-  acc_t s = 0;
-  for (int64_t p = lane; p < pieces; p += 32) s += partials[i * pieces + p];
-  s = warp_sum(s);
-  if (lane == 0) grad_w[i] = s;
-}
-
-bool aligned(const void* p) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
-}
-
-// Vector width: V when every pointer is aligned and vectors stay in a row.
-template <typename scalar_t>
-bool vectorizable(const Contraction& c) {
-  constexpr int V = kVecBytes / sizeof(scalar_t);
-  bool ok = aligned(c.out) && aligned(c.grad) && (c.rows == 1 || c.row_len % V == 0);
-  for (const void* p : c.x) ok = ok && aligned(p);
-  for (const void* p : c.grad_x) ok = ok && aligned(p);
-  return ok;
-}
-
-// Blocks of a grid-stride launch: enough to fill the device.
-int64_t grid_blocks(int64_t n, int vec) {
-  int dev = 0, count = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
-  const int64_t wanted = (n / vec + kThreads - 1) / kThreads;
-  return std::max<int64_t>(1, std::min<int64_t>(wanted, static_cast<int64_t>(count) * (2048 / kThreads)));
-}
-
-template <typename scalar_t, typename acc_t, int V>
-void launch_forward(const Contraction& c, cudaStream_t stream) {
-  const int64_t n = c.rows * c.row_len;
-  const int64_t blocks = grid_blocks(n, V);
-  at::Tensor acc_buf;  // the running sum between chunks, when there are several
-  if (c.K > kFwdChunk) {
-    acc_buf = at::empty({n}, at::TensorOptions().device(c.device).dtype(c10::CppTypeToScalarType<acc_t>::value));
-  }
-  acc_t* acc = acc_buf.defined() ? acc_buf.mutable_data_ptr<acc_t>() : nullptr;
-  const acc_t* w = static_cast<const acc_t*>(c.w);
-  for (int64_t k0 = 0; k0 < c.K; k0 += kFwdChunk) {
-    const int kc = static_cast<int>(std::min<int64_t>(kFwdChunk, c.K - k0));
-    Ptrs<const scalar_t, kFwdChunk> xs{};
-    for (int k = 0; k < kc; ++k) xs.p[k] = static_cast<const scalar_t*>(c.x[k0 + k]);
-    const bool last = k0 + kc == c.K;
-    forward_kernel<scalar_t, acc_t, V><<<blocks, kThreads, 0, stream>>>(
-        xs, kc, w + k0, c.K, c.row_len, k0 == 0 ? nullptr : acc, last ? nullptr : acc,
-        static_cast<scalar_t*>(c.out), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
-template <typename scalar_t, typename acc_t, int V>
-void launch_backward(const Contraction& c, cudaStream_t stream) {
-  const int64_t tile_len = int64_t{kThreads} * V * kTileVecs;
-  const int64_t pieces = std::max<int64_t>(1, (c.row_len + tile_len - 1) / tile_len);
-  const int64_t blocks = c.rows * pieces;
-  TORCH_CHECK(blocks < (int64_t{1} << 31), "simplex_param: too many rows for one CUDA launch: ", c.rows);
-  const bool need_dot = c.grad_w != nullptr;
-  at::Tensor partials;
-  if (need_dot) {
-    partials = at::empty(
-        {c.rows * c.K * pieces}, at::TensorOptions().device(c.device).dtype(c10::CppTypeToScalarType<acc_t>::value));
-  }
-  const acc_t* w = static_cast<const acc_t*>(c.w);
-  for (int64_t k0 = 0; k0 < c.K; k0 += kBwdChunk) {
-    const int kc = static_cast<int>(std::min<int64_t>(kBwdChunk, c.K - k0));
-    Ptrs<const scalar_t, kBwdChunk> xs{};
-    Ptrs<scalar_t, kBwdChunk> dxs{};
-    bool any = need_dot;
-    for (int k = 0; k < kc; ++k) {
-      if (need_dot) xs.p[k] = static_cast<const scalar_t*>(c.x[k0 + k]);
-      dxs.p[k] = static_cast<scalar_t*>(c.grad_x[k0 + k]);
-      any = any || dxs.p[k] != nullptr;
-    }
-    if (!any) continue;  // nothing of this chunk is wanted
-    backward_kernel<scalar_t, acc_t, V><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(c.grad), xs, dxs, kc, w + k0, c.K, c.row_len, pieces, tile_len,
-        need_dot ? partials.mutable_data_ptr<acc_t>() + k0 * pieces : nullptr, c.skip_zero_weights);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (need_dot) {
-    const int64_t count = c.rows * c.K;
-    TORCH_CHECK((count + kWarps - 1) / kWarps < (int64_t{1} << 31),
-                "simplex_param: too many weights for one CUDA launch: ", count);
-    finish_kernel<acc_t><<<(count + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
-        partials.const_data_ptr<acc_t>(), count, pieces, static_cast<acc_t*>(c.grad_w));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+// The guard and the current stream, then f(runtime).
+template <typename F>
+void on_device(at::Device device, F&& f) {
+  const c10::cuda::CUDAGuard guard(device);
+  f(GpuRuntime{c10::cuda::getCurrentCUDAStream()});
 }
 
 void forward_kernel_cuda(const Contraction& c) {
-  const c10::cuda::CUDAGuard guard(c.device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "simplex_param_forward_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    constexpr int V = kVecBytes / sizeof(scalar_t);
-    if (vectorizable<scalar_t>(c)) {
-      launch_forward<scalar_t, acc_t, V>(c, stream);
-    } else {
-      launch_forward<scalar_t, acc_t, 1>(c, stream);
-    }
-  });
+  on_device(c.device, [&](const GpuRuntime& rt) { forward(c, rt); });
 }
 
 void backward_kernel_cuda(const Contraction& c) {
-  const c10::cuda::CUDAGuard guard(c.device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "simplex_param_backward_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    constexpr int V = kVecBytes / sizeof(scalar_t);
-    if (vectorizable<scalar_t>(c)) {
-      launch_backward<scalar_t, acc_t, V>(c, stream);
-    } else {
-      launch_backward<scalar_t, acc_t, 1>(c, stream);
-    }
-  });
+  on_device(c.device, [&](const GpuRuntime& rt) { backward(c, rt); });
+}
+
+void forward_batch_cuda(c10::ArrayRef<Contraction> cs) {
+  on_device(cs[0].device, [&](const GpuRuntime& rt) { forward_batch(cs, rt); });
+}
+
+void backward_batch_cuda(c10::ArrayRef<Contraction> cs) {
+  on_device(cs[0].device, [&](const GpuRuntime& rt) { backward_batch(cs, rt); });
 }
 
 at::Tensor weighted_sum_cuda(const at::Tensor& weights, at::TensorList inputs) {
@@ -339,249 +82,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_cuda(
     bool weights_requires_grad, const c10::List<bool>& inputs_requires_grad, bool skip_zero_weights) {
   return weighted_sum_backward(
       grad, weights, inputs, weights_requires_grad, inputs_requires_grad, skip_zero_weights, backward_kernel_cuda);
-}
-
-// The grouped ops: one launch over every group of a dtype, driven by a
-// table in device memory, in the style of multi_tensor_apply (which passes
-// its table as kernel arguments, and so needs a launch per ~100 tensors).
-// Block b finds its group j by binary search in first[], then does tile
-// b - first[j] of it, of the group's own tile length. The tiles and every
-// sum are those of the single-call kernels above, so a group gets the
-// same bits as its own call.
-//
-// Table (int64): first[G + 1]; G records of kRecord fields; x[G * K];
-// grad_x[G * K] (backward). Pointers are stored as integers.
-constexpr int kRecord = 8;
-enum Field { kN, kW, kData, kGradW, kVec, kTileLen, kPartials, kPieces };
-
-struct Table {
-  const int64_t* first;
-  const int64_t* rec;
-  const int64_t* x;
-  const int64_t* grad_x;
-  int64_t G, K;
-
-  __device__ int64_t find(int64_t b) const {  // the group j with first[j] <= b < first[j + 1]
-    int64_t lo = 0, hi = G;
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      (first[mid] <= b ? lo : hi) = mid;
-    }
-    return lo;
-  }
-  template <typename T>
-  __device__ T* ptr(const int64_t* base, int64_t j, int64_t k) const {
-    return reinterpret_cast<T*>(static_cast<uintptr_t>(base[j * K + k]));
-  }
-  template <typename T>
-  __device__ T* field(int64_t j, Field f) const {
-    return reinterpret_cast<T*>(static_cast<uintptr_t>(rec[j * kRecord + f]));
-  }
-};
-
-template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads) grouped_forward_kernel(Table t) {
-  const int64_t j = t.find(blockIdx.x);
-  const int64_t* r = t.rec + j * kRecord;
-  const int64_t tile_len = r[kTileLen];
-  const int64_t begin = (blockIdx.x - t.first[j]) * tile_len;
-  const int64_t end = begin + tile_len < r[kN] ? begin + tile_len : r[kN];
-  const acc_t* w = t.field<const acc_t>(j, kW);
-  scalar_t* out = t.field<scalar_t>(j, kData);
-  auto step = [&](auto v_tag, int64_t i) {
-    constexpr int VV = decltype(v_tag)::value;
-    acc_t acc[VV];
-#pragma unroll
-    for (int q = 0; q < VV; ++q) acc[q] = acc_t(0);
-#pragma unroll 4
-    for (int64_t k = 0; k < t.K; ++k) {  // as forward_kernel: fma in k order, weight 0 unread
-      const acc_t wk = w[k];
-      if (wk == acc_t(0)) continue;
-      acc_t x[VV];
-      load<VV>(t.ptr<const scalar_t>(t.x, j, k) + i, x);
-#pragma unroll
-      for (int q = 0; q < VV; ++q) acc[q] = fma(wk, x[q], acc[q]);
-    }
-    store<VV>(out + i, acc);
-  };
-  const int64_t vec = r[kVec] ? V : 1;
-  const int64_t nv = (end - begin) / vec;
-  for (int64_t v = threadIdx.x; v < nv; v += kThreads) {
-    if (vec == V) {
-      step(std::integral_constant<int, V>{}, begin + v * V);
-    } else {
-      step(std::integral_constant<int, 1>{}, begin + v);
-    }
-  }
-  for (int64_t i = begin + nv * vec + threadIdx.x; i < end; i += kThreads) step(std::integral_constant<int, 1>{}, i);
-}
-
-template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads) grouped_backward_kernel(Table t, bool skip_zero) {
-  __shared__ acc_t dots[kBwdChunk][kWarps];
-  const int64_t j = t.find(blockIdx.x);
-  const int64_t* r = t.rec + j * kRecord;
-  const int64_t piece = blockIdx.x - t.first[j], tile_len = r[kTileLen], pieces = r[kPieces];
-  const int64_t begin = piece * tile_len;
-  const int64_t end = begin + tile_len < r[kN] ? begin + tile_len : r[kN];
-  const acc_t* w = t.field<const acc_t>(j, kW);
-  const scalar_t* grad = t.field<const scalar_t>(j, kData);
-  const bool need_dot = r[kGradW] != 0;
-  acc_t* partials = need_dot ? t.field<acc_t>(j, kPartials) : nullptr;
-  for (int64_t k0 = 0; k0 < t.K; k0 += kBwdChunk) {  // the chunks of the single-call launches
-    const int kc = static_cast<int>(t.K - k0 < kBwdChunk ? t.K - k0 : kBwdChunk);
-    Ptrs<const scalar_t, kBwdChunk> xs{};
-    Ptrs<scalar_t, kBwdChunk> dxs{};
-    bool any = need_dot;
-    for (int k = 0; k < kc; ++k) {
-      if (need_dot) xs.p[k] = t.ptr<const scalar_t>(t.x, j, k0 + k);
-      dxs.p[k] = t.ptr<scalar_t>(t.grad_x, j, k0 + k);
-      any = any || dxs.p[k] != nullptr;
-    }
-    if (!any) continue;  // the same for the whole block
-    acc_t* dst = need_dot ? partials + k0 * pieces + piece : nullptr;
-    if (r[kVec]) {
-      backward_tile<scalar_t, acc_t, V>(grad, xs, dxs, kc, w + k0, begin, end, dst, pieces, skip_zero, dots);
-    } else {
-      backward_tile<scalar_t, acc_t, 1>(grad, xs, dxs, kc, w + k0, begin, end, dst, pieces, skip_zero, dots);
-    }
-  }
-}
-
-// grad_w of group j, input k = sum over its pieces of its partials, one warp
-// per (j, k), as finish_kernel.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) grouped_finish_kernel(Table t) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (i >= t.G * t.K) return;
-  const int64_t j = i / t.K, k = i % t.K;
-  const int64_t* r = t.rec + j * kRecord;
-  if (r[kGradW] == 0) return;
-  const acc_t* p = t.field<const acc_t>(j, kPartials) + k * r[kPieces];
-  acc_t s = 0;
-  for (int64_t q = lane; q < r[kPieces]; q += 32) s += p[q];
-  s = warp_sum(s);
-  if (lane == 0) t.field<acc_t>(j, kGradW)[k] = s;
-}
-
-int64_t as_int(const void* p) {
-  return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p));
-}
-
-// The table of `cs` (one dtype) on the device, with the blocks' count and,
-// for the backward, the partial dot products' buffer it points into.
-struct GroupedLaunch {
-  at::Tensor table, partials;
-  Table view{};
-  int64_t blocks = 0;
-
-  template <typename scalar_t, typename acc_t>
-  static GroupedLaunch make(const std::vector<const Contraction*>& cs, bool backward) {
-    GroupedLaunch l;
-    constexpr int V = kVecBytes / sizeof(scalar_t);
-    const int64_t G = static_cast<int64_t>(cs.size()), K = cs[0]->K;
-    const int64_t size = (G + 1) + G * kRecord + G * K * (backward ? 2 : 1);
-    at::Tensor host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-    int64_t* first = host.mutable_data_ptr<int64_t>();
-    int64_t* rec = first + G + 1;
-    int64_t* x = rec + G * kRecord;
-    int64_t* grad_x = x + G * K;
-    int64_t partial_count = 0;
-    first[0] = 0;
-    for (int64_t j = 0; j < G; ++j) {
-      const Contraction& c = *cs[j];
-      const bool vec = vectorizable<scalar_t>(c);
-      // The single-call tiles: the forward's grid-stride loop has no tiles,
-      // so any length gives its bits; the backward's is launch_backward's.
-      const int64_t tile_len = int64_t{kThreads} * (vec ? V : 1) * kTileVecs;
-      const int64_t n = c.rows * c.row_len, pieces = (n + tile_len - 1) / tile_len;
-      int64_t* r = rec + j * kRecord;
-      r[kN] = n;
-      r[kW] = as_int(c.w);
-      r[kData] = as_int(backward ? c.grad : c.out);
-      r[kGradW] = as_int(c.grad_w);
-      r[kVec] = vec;
-      r[kTileLen] = tile_len;
-      r[kPartials] = partial_count;  // an offset until the buffer exists
-      r[kPieces] = pieces;
-      if (c.grad_w != nullptr) partial_count += K * pieces;
-      for (int64_t k = 0; k < K; ++k) {
-        x[j * K + k] = k < static_cast<int64_t>(c.x.size()) ? as_int(c.x[k]) : 0;
-        if (backward) grad_x[j * K + k] = as_int(c.grad_x[k]);
-      }
-      first[j + 1] = first[j] + pieces;
-    }
-    l.blocks = first[G];
-    TORCH_CHECK(l.blocks < (int64_t{1} << 31), "simplex_param: too many tiles for one CUDA launch: ", l.blocks);
-    const at::TensorOptions on_device = at::TensorOptions().device(cs[0]->device);
-    if (partial_count > 0) {
-      l.partials = at::empty({partial_count}, on_device.dtype(c10::CppTypeToScalarType<acc_t>::value));
-      for (int64_t j = 0; j < G; ++j) {
-        int64_t* r = rec + j * kRecord;
-        r[kPartials] = r[kGradW] != 0 ? as_int(l.partials.mutable_data_ptr<acc_t>() + r[kPartials]) : 0;
-      }
-    }
-    // Asynchronous: the pinned buffer is kept until the copy is done (the
-    // caching host allocator records the stream).
-    l.table = host.to(on_device.dtype(at::kLong), /*non_blocking=*/true);
-    const int64_t* d = l.table.const_data_ptr<int64_t>();
-    l.view = Table{d, d + G + 1, d + G + 1 + G * kRecord, backward ? d + G + 1 + G * kRecord + G * K : nullptr, G, K};
-    return l;
-  }
-};
-
-// The contractions of `cs`, split by dtype; f(pointers to those of one dtype).
-template <typename F>
-void by_dtype(c10::ArrayRef<Contraction> cs, F&& f) {
-  std::vector<bool> done(cs.size(), false);
-  for (size_t i = 0; i < cs.size(); ++i) {
-    if (done[i]) continue;
-    std::vector<const Contraction*> same;
-    for (size_t j = i; j < cs.size(); ++j) {
-      if (!done[j] && cs[j].dtype == cs[i].dtype) {
-        same.push_back(&cs[j]);
-        done[j] = true;
-      }
-    }
-    f(same);
-  }
-}
-
-void forward_batch_cuda(c10::ArrayRef<Contraction> cs) {
-  const c10::cuda::CUDAGuard guard(cs[0].device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  by_dtype(cs, [&](const std::vector<const Contraction*>& same) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, same[0]->dtype, "simplex_param_grouped_forward_cuda", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      constexpr int V = kVecBytes / sizeof(scalar_t);
-      const GroupedLaunch launch = GroupedLaunch::make<scalar_t, acc_t>(same, /*backward=*/false);
-      grouped_forward_kernel<scalar_t, acc_t, V><<<launch.blocks, kThreads, 0, stream>>>(launch.view);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-}
-
-void backward_batch_cuda(c10::ArrayRef<Contraction> cs) {
-  const c10::cuda::CUDAGuard guard(cs[0].device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  by_dtype(cs, [&](const std::vector<const Contraction*>& same) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, same[0]->dtype, "simplex_param_grouped_backward_cuda", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      constexpr int V = kVecBytes / sizeof(scalar_t);
-      const GroupedLaunch launch = GroupedLaunch::make<scalar_t, acc_t>(same, /*backward=*/true);
-      grouped_backward_kernel<scalar_t, acc_t, V><<<launch.blocks, kThreads, 0, stream>>>(
-          launch.view, same[0]->skip_zero_weights);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (launch.partials.defined()) {
-        const int64_t count = launch.view.G * launch.view.K;
-        TORCH_CHECK((count + kWarps - 1) / kWarps < (int64_t{1} << 31),
-                    "simplex_param: too many weights for one CUDA launch: ", count);
-        grouped_finish_kernel<acc_t><<<(count + kWarps - 1) / kWarps, kThreads, 0, stream>>>(launch.view);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    });
-  });
 }
 
 std::vector<at::Tensor> grouped_weighted_sum_cuda(const at::Tensor& weights, at::TensorList inputs) {
@@ -596,12 +96,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward_cu
 }
 
 } // namespace
+} // namespace cuda
 
 TORCH_LIBRARY_IMPL(simplex_param, CUDA, m) {
-  m.impl("weighted_sum", &weighted_sum_cuda);
-  m.impl("_weighted_sum_backward", &weighted_sum_backward_cuda);
-  m.impl("grouped_weighted_sum", &grouped_weighted_sum_cuda);
-  m.impl("_grouped_weighted_sum_backward", &grouped_weighted_sum_backward_cuda);
+  m.impl("weighted_sum", &cuda::weighted_sum_cuda);
+  m.impl("_weighted_sum_backward", &cuda::weighted_sum_backward_cuda);
+  m.impl("grouped_weighted_sum", &cuda::grouped_weighted_sum_cuda);
+  m.impl("_grouped_weighted_sum_backward", &cuda::grouped_weighted_sum_backward_cuda);
 }
 
 } // namespace simplex_param

@@ -1,0 +1,277 @@
+"""The cases of the CUDA kernels' check, and their oracle.
+
+The same cases run on the emulation (HIP CPU runtime, `make cuda-emulate`)
+and on a real GPU (`make gpu-check`); each is a call of the forward and one
+of the backward of `weighted_sum` or `grouped_weighted_sum`. Inputs come
+from a seeded CPU generator, so both machines see the same bits.
+
+The oracle is the contraction's definition (csrc/contraction.h) in float64,
+from the weights as the kernels see them (in the accumulation dtype): an
+input of weight exactly 0 is not read, its gradient is exactly 0, and with
+skip_zero_weights so is its weight's gradient. The tolerances are error
+bounds of the kernels' order of arithmetic (docs/cuda.md):
+  output:        K fused multiply-adds in k order: K u sum_k |w_k x_k|;
+  input grads:   one product: u |w g|;
+  weight grads:  a sum of depth at most D = 100 + row_len / 65536 (each
+                 thread's run, then trees over the warp, the block and the
+                 tiles): D u sum |g x|;
+each plus the final rounding to the output dtype (its eps times the value,
+and its smallest subnormal), u being the accumulation dtype's unit roundoff.
+"""
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# 1; the backward's chunk (16) and one more; the forward's chunk (32) and one more.
+KS = (1, 16, 17, 32, 33)
+# One element; below a block (256 threads); not a multiple of any vector
+# width; several backward tiles and several grid-stride turns.
+LENGTHS = (1, 100, 1003, 20011)
+# (weights require grad, which inputs require grad)
+GRAD_PATTERNS = ((True, "all"), (True, "none"), (False, "alternate"), (True, "alternate"))
+
+
+@dataclass
+class Case:
+    name: str
+    grouped: bool
+    weights: torch.Tensor            # (K,) or (*P, K); grouped: (G, K)
+    inputs: list                     # K tensors; grouped: G * K
+    grads: list                      # the outputs' gradients (one, or one per group)
+    weights_requires_grad: bool
+    inputs_requires_grad: list
+    skip_zero_weights: bool = False
+    notes: dict = field(default_factory=dict)
+
+    def to(self, device):
+        moved = dict(self.__dict__)
+        moved["weights"] = _move(self.weights, device)
+        moved["inputs"] = [_move(x, device) for x in self.inputs]
+        moved["grads"] = [_move(g, device) for g in self.grads]
+        return Case(**moved)
+
+
+def _move(t, device):
+    """`t` on `device` at the same offset into its buffer, so that its
+    alignment, and with it the kernels' vector width, is the same there
+    (Tensor.to would make an aligned copy)."""
+    if t.device == torch.device(device):
+        return t
+    base = torch.empty(t.storage_offset() + t.numel(), dtype=t.dtype, device=device)
+    return base[t.storage_offset():].view(t.shape).copy_(t)
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _values(gen, shape, dtype, offset=0):
+    """Standard normal values of `shape` in `dtype`; with an offset, a view
+    `offset` elements into a larger buffer (not 16-byte aligned)."""
+    n = 1
+    for s in shape:
+        n *= s
+    flat = torch.randn(n + offset, generator=gen, dtype=torch.float64).to(dtype)
+    return flat[offset:].view(shape)
+
+
+def _requires(pattern, count):
+    if pattern == "all":
+        return [True] * count
+    if pattern == "none":
+        return [False] * count
+    return [k % 2 == 0 for k in range(count)]
+
+
+def single_cases():
+    for i, (dtype, K, L) in enumerate(itertools.product(DTYPES, KS, LENGTHS)):
+        gen = torch.Generator().manual_seed(1000 + i)
+        per_sample = i % 2 == 1
+        zeros = (i // 2) % 2 == 1 and K > 1
+        unaligned = i % 5 == 0
+        w_rg, pattern = GRAD_PATTERNS[i % len(GRAD_PATTERNS)]
+        shape = (3, L) if per_sample else (L,)
+        w = torch.rand(shape[:-1] + (K,), generator=gen, dtype=torch.float64).to(acc_dtype(dtype))
+        if zeros:  # every third weight 0; NaN in the inputs there, never read
+            w[..., ::3] = 0
+        xs = [_values(gen, shape, dtype, offset=1 if unaligned else 0) for _ in range(K)]
+        for k in range(K):
+            dead = (w[..., k] == 0).unsqueeze(-1).expand(shape)
+            xs[k].masked_fill_(dead, float("nan"))  # in place: an unaligned view stays one
+        grad = _values(gen, shape, dtype)
+        yield Case(
+            name=f"single/{str(dtype)[6:]}/K{K}/L{L}/{'per-sample' if per_sample else 'shared'}"
+                 f"{'/zeros' if zeros else ''}{'/unaligned' if unaligned else ''}/w{int(w_rg)}-{pattern}"
+                 f"/skip{int(zeros)}",
+            grouped=False, weights=w, inputs=xs, grads=[grad], weights_requires_grad=w_rg,
+            inputs_requires_grad=_requires(pattern, K),
+            # skip with zeros: the weights' gradient there is 0 (NaN unread);
+            # without zeros, skipping changes nothing and is checked as such.
+            skip_zero_weights=zeros or i % 3 == 0,
+        )
+
+
+# (G, K, sizes of the groups' tensors cycled, dtypes cycled, frozen groups)
+GROUPED = (
+    (1, 1, (1003,), (torch.float32,), ()),
+    (1, 3, (0,), (torch.float64,), ()),
+    (2, 3, (20011, 7), (torch.float16, torch.float32), ()),
+    (5, 2, ((4, 33), 0, 257, 8192, 8193), (torch.bfloat16,), (1,)),
+    (7, 17, (100, 1, 3000), DTYPES, (0, 3)),
+    (12, 4, (0, 64, 1000, (2, 3, 5)), (torch.float32, torch.float64), (2, 5, 6)),
+    (50, 3, (1, 17, 256, 1025, 0), DTYPES, tuple(range(0, 50, 4))),
+    (50, 1, (300,), (torch.float16,), ()),
+)
+
+
+def grouped_cases():
+    for i, (G, K, sizes, dtypes, frozen) in enumerate(GROUPED):
+        for w_rg in (True, False):
+            gen = torch.Generator().manual_seed(5000 + 2 * i + w_rg)
+            inputs, grads, rg = [], [], []
+            for g in range(G):
+                size = sizes[g % len(sizes)]
+                shape = size if isinstance(size, tuple) else (size,)
+                dtype = dtypes[g % len(dtypes)]
+                unaligned = (g % 3 == 1)
+                inputs += [_values(gen, shape, dtype, offset=1 if unaligned else 0) for _ in range(K)]
+                grads.append(_values(gen, shape, dtype))
+                rg += [g not in frozen] * K
+            if not w_rg and not any(rg):
+                continue
+            weights = torch.rand(G, K, generator=gen, dtype=torch.float64).to(torch.float32)
+            if G > 2:
+                weights[1, 0] = 0  # a zero weight: the grouped backward reads its input
+            yield Case(name=f"grouped/G{G}/K{K}/{'+'.join(str(d)[6:] for d in dtypes)}/w{int(w_rg)}",
+                       grouped=True, weights=weights, inputs=inputs, grads=grads,
+                       weights_requires_grad=w_rg, inputs_requires_grad=rg)
+
+
+def all_cases():
+    return list(single_cases()) + list(grouped_cases())
+
+
+def run(case, ops):
+    """Forward and backward of `case` through `ops` (torch.ops.simplex_param
+    or torch.ops.simplex_param_emulated): a dict of named output tensors."""
+    if case.grouped:
+        outs = ops.grouped_weighted_sum(case.weights, case.inputs)
+        grad_w, grad_x = ops._grouped_weighted_sum_backward(
+            case.grads, case.weights, case.inputs, case.weights_requires_grad, case.inputs_requires_grad)
+        # one gradient per input that requires grad, in order
+        wanted = [k for k, r in enumerate(case.inputs_requires_grad) if r]
+    else:
+        outs = [ops.weighted_sum(case.weights, case.inputs)]
+        grad_w, grad_x = ops._weighted_sum_backward(
+            case.grads[0], case.weights, case.inputs if case.weights_requires_grad else [],
+            case.weights_requires_grad, case.inputs_requires_grad, case.skip_zero_weights)
+        wanted = [k for k, r in enumerate(case.inputs_requires_grad) if r]
+        grad_x = [grad_x[k] for k in wanted]
+    result = {f"out{j}": o for j, o in enumerate(outs)}
+    if case.weights_requires_grad:
+        result["grad_w"] = grad_w
+    result.update({f"grad_x{k}": g for k, g in zip(wanted, grad_x)})
+    return {k: v.detach().cpu() for k, v in result.items()}
+
+
+def _eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+def _tiny(dtype):
+    return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+
+
+def _contraction(w, xs, grad, skip, dtype, row_len):
+    """One contraction's oracle in float64: (out, grad_w, grad_x per k) each
+    as (value, tolerance). w: rows x K (accumulation dtype), xs and grad of
+    the inputs' shape; row r is the r-th slice along the weights' prefix."""
+    acc = acc_dtype(dtype)
+    u = _eps(acc) / 2
+    rows, K = w.shape
+    wd = w.double()
+    x = torch.stack([t.double().reshape(rows, -1) for t in xs]) if xs else None  # K, rows, L
+    g = grad.double().reshape(rows, -1)
+    live = (wd != 0).T.unsqueeze(-1)  # K, rows, 1
+    out = tol_out = None
+    if x is not None:
+        terms = torch.where(live, wd.T.unsqueeze(-1) * x, torch.zeros((), dtype=torch.float64))
+        out = terms.sum(0)
+        tol_out = K * u * terms.abs().sum(0) + _eps(dtype) * out.abs() + _tiny(dtype)
+        prods = g.unsqueeze(0) * x
+        gw = prods.sum(-1).T  # rows, K
+        depth = 100 + row_len // 65536
+        tol_gw = depth * u * prods.abs().sum(-1).T
+        if skip:
+            gw = torch.where(wd != 0, gw, torch.zeros((), dtype=torch.float64))
+            tol_gw = torch.where(wd != 0, tol_gw, torch.zeros((), dtype=torch.float64))
+    else:
+        gw = tol_gw = None
+    gx = torch.where(live, wd.T.unsqueeze(-1) * g.unsqueeze(0), torch.zeros((), dtype=torch.float64))  # K, rows, L
+    tol_gx = u * gx.abs() + _eps(dtype) * gx.abs() + _tiny(dtype)
+    return (out, tol_out), (gw, tol_gw), (gx, tol_gx)
+
+
+def oracle(case):
+    """The expected outputs of `case` as {name: (value, tolerance)} in float64."""
+    expected = {}
+    if case.grouped:
+        G, K = case.weights.shape
+        gw_all, tol_all = torch.zeros(G, K, dtype=torch.float64), torch.zeros(G, K, dtype=torch.float64)
+        wanted = [k for k, r in enumerate(case.inputs_requires_grad) if r]
+        gx_of = {}
+        for g in range(G):
+            xs = case.inputs[g * K:(g + 1) * K]
+            dtype, shape = xs[0].dtype, xs[0].shape
+            w = case.weights[g].to(acc_dtype(dtype)).reshape(1, K)
+            (out, tol), (gw, tol_gw), (gx, tol_gx) = _contraction(w, xs, case.grads[g], False, dtype, xs[0].numel())
+            expected[f"out{g}"] = (out.reshape(shape), tol.reshape(shape))
+            gw_all[g], tol_all[g] = gw[0], tol_gw[0]
+            for k in range(K):
+                gx_of[g * K + k] = (gx[k].reshape(shape), tol_gx[k].reshape(shape))
+        if case.weights_requires_grad:  # returned in the weights' dtype
+            expected["grad_w"] = (gw_all, tol_all + _eps(case.weights.dtype) * gw_all.abs())
+        expected.update({f"grad_x{k}": gx_of[k] for k in wanted})
+        return expected
+    xs, dtype, shape = case.inputs, case.inputs[0].dtype, case.inputs[0].shape
+    K = len(xs)
+    w = case.weights.reshape(-1, K)
+    (out, tol), (gw, tol_gw), (gx, tol_gx) = _contraction(
+        w, xs, case.grads[0], case.skip_zero_weights, dtype, xs[0].numel() // w.shape[0])
+    expected["out0"] = (out.reshape(shape), tol.reshape(shape))
+    if case.weights_requires_grad:
+        expected["grad_w"] = (gw.reshape(case.weights.shape), tol_gw.reshape(case.weights.shape))
+    for k, r in enumerate(case.inputs_requires_grad):
+        if r:
+            expected[f"grad_x{k}"] = (gx[k].reshape(shape), tol_gx[k].reshape(shape))
+    return expected
+
+
+def mismatches(got, expected):
+    """Names of the outputs of `got` outside the oracle's tolerance (NaN
+    where NaN is expected), with the worst error of each; also missing or
+    extra outputs and wrong shapes."""
+    bad = []
+    for name in sorted(set(got) | set(expected)):
+        if name not in got or name not in expected:
+            bad.append(f"{name}: {'missing' if name not in got else 'unexpected'}")
+            continue
+        value, tol = expected[name]
+        g = got[name]
+        if g.shape != value.shape:
+            bad.append(f"{name}: shape {tuple(g.shape)}, expected {tuple(value.shape)}")
+            continue
+        gd = g.double()
+        nan_expected = value.isnan()
+        wrong_nan = (gd.isnan() != nan_expected)
+        err = (gd - value).abs()
+        over = torch.where(nan_expected, torch.zeros_like(err), err - tol) > 0
+        over |= wrong_nan | (err.isnan() & ~nan_expected)
+        if over.any():
+            i = int(over.flatten().nonzero()[0])
+            bad.append(f"{name}: {int(over.sum())} of {over.numel()} elements, first at {i}: "
+                       f"got {gd.flatten()[i].item()!r}, expected {value.flatten()[i].item()!r} "
+                       f"within {tol.flatten()[i].item():.3g}")
+    return bad
