@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # CUDA build check, for machines without a GPU (CI): builds the extension
 # with its CUDA kernels against a CUDA build of torch, in a virtual
-# environment of its own and out of tree, then imports the built library and
-# asserts from the dispatcher's registrations that every op has a CUDA kernel.
+# environment of its own and out of tree, with a wheel from the same build;
+# then imports the built library and asserts from the dispatcher's
+# registrations that every op has a CUDA kernel, and that the wheel holds
+# device code for every architecture asked for, errors.def and its build
+# record.
 #
 # The in-tree simplex_param/_C*.so of the CPU environment is never touched.
 # Skipped (exit 0) where nvcc is absent.
@@ -45,15 +48,18 @@ fi
 "$PY" -W "ignore:Failed to initialize NumPy" -c "import torch, sys; print('cuda-build: torch', torch.__version__, 'CUDA', torch.version.cuda); sys.exit(0 if torch.version.cuda else 'cuda-build: this torch is not a CUDA build')"
 
 # Out of tree: the library lands in $CUDA_BUILD_DIR/lib, the objects in
-# $CUDA_BUILD_DIR/temp; nothing is written next to the sources.
-rm -rf "$CUDA_BUILD_DIR/lib"
+# $CUDA_BUILD_DIR/temp, the wheel in $CUDA_BUILD_DIR/dist (one compile for
+# both: bdist_wheel reuses the build); nothing is written next to the sources.
+rm -rf "$CUDA_BUILD_DIR/lib" "$CUDA_BUILD_DIR/dist"
 start=$(date +%s)
-SIMPLEX_PARAM_WITH_CUDA=1 "$PY" -W "ignore:Failed to initialize NumPy" setup.py -q build_ext \
-  --build-lib "$CUDA_BUILD_DIR/lib" --build-temp "$CUDA_BUILD_DIR/temp"
+SIMPLEX_PARAM_WITH_CUDA=1 "$PY" -W "ignore:Failed to initialize NumPy" setup.py -q \
+  build --build-lib "$CUDA_BUILD_DIR/lib" --build-temp "$CUDA_BUILD_DIR/temp" \
+  bdist_wheel --dist-dir "$CUDA_BUILD_DIR/dist" >/dev/null
 echo "cuda-build: built in $(( $(date +%s) - start )) s for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
-
+WHEEL=$(ls "$CUDA_BUILD_DIR"/dist/simplex_param-*.whl)
+echo "cuda-build: wheel $(basename "$WHEEL") ($(( $(stat -c %s "$WHEEL") / 1048576 )) MiB)"
 LIB=$(ls "$CUDA_BUILD_DIR"/lib/simplex_param/_C*.so)
-"$PY" - "$LIB" <<'EOF'
+"$PY" - "$LIB" "$WHEEL" <<'EOF'
 import os
 import shutil
 import subprocess
@@ -73,13 +79,51 @@ has = torch._C._dispatch_has_computed_kernel_for_dispatch_key
 missing = [f"{op} ({key})" for op in ops for key in ("CUDA", "CPU") if not has(f"simplex_param::{op}", key)]
 if missing:
     sys.exit("cuda-build: FAILED: no kernel registered for " + ", ".join(missing))
-# The device code really is in the library, for every architecture asked for.
-if shutil.which("cuobjdump"):
-    listing = subprocess.run(["cuobjdump", "--list-elf", lib], capture_output=True, text=True).stdout
-    archs = sorted({part for part in listing.replace(".", " ").split() if part.startswith("sm_")})
-    print("cuda-build: device code for", " ".join(archs) or "no architecture")
-    if not archs:
-        sys.exit("cuda-build: FAILED: the library holds no device code")
+# The device code really is in the wheel's library, for every architecture
+# asked for: the fat binaries' entries (header magic 0xBA55ED50, then
+# entries of kind 1 = PTX or 2 = SASS, the SM at byte 28), read without
+# cuobjdump, which a toolkit without the binary utilities lacks.
+import json
+import struct
+import tempfile
+import zipfile
+
+
+def device_code(path):
+    data = open(path, "rb").read()
+    found, at = set(), 0
+    while (at := data.find(struct.pack("<I", 0xBA55ED50), at)) >= 0:
+        version, header_size, fat_size = struct.unpack_from("<HHQ", data, at + 4)
+        if (version, header_size) != (1, 16):
+            at += 4
+            continue
+        p, end = at + header_size, at + header_size + fat_size
+        while p + 32 <= end:
+            kind, _, entry_header, padded = struct.unpack_from("<HHII", data, p)
+            if entry_header == 0:
+                break
+            found.add(f"{ {1: 'ptx', 2: 'sass'}.get(kind, kind) }:sm_{struct.unpack_from('<I', data, p + 28)[0]}")
+            p += entry_header + padded
+        at = end
+    return sorted(found)
+
+
+wheel = zipfile.ZipFile(sys.argv[2])
+names = wheel.namelist()
+for needed in ("simplex_param/errors.def", "simplex_param/_build_info.json"):
+    if needed not in names:
+        sys.exit(f"cuda-build: FAILED: the wheel lacks {needed}")
+info = json.loads(wheel.read("simplex_param/_build_info.json"))
+if info.get("cuda") != torch.version.cuda:
+    sys.exit(f"cuda-build: FAILED: the wheel's build record says CUDA {info.get('cuda')}, torch has {torch.version.cuda}")
+with tempfile.TemporaryDirectory() as tmp:
+    so = [n for n in names if n.startswith("simplex_param/_C") and n.endswith(".so")]
+    code = device_code(wheel.extract(so[0], tmp)) if so else []
+wanted = {f"sm_{a.replace('.', '').replace('+PTX', '')}" for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if a}
+have = {c.split(":")[1] for c in code if c.startswith("sass")}
+print("cuda-build: wheel device code:", " ".join(code) or "none")
+if not wanted <= have:
+    sys.exit(f"cuda-build: FAILED: no device code for {sorted(wanted - have)} in the wheel")
 print(f"cuda-build: OK: CUDA and CPU kernels registered for {len(ops)} ops; "
       f"torch.cuda.is_available() = {torch.cuda.is_available()}")
 EOF
