@@ -365,8 +365,10 @@ class ScalarMix(nn.Module):
 
     Args:
         mixture_size (int): K, the number of tensors to mix.
-        do_layer_norm (bool, optional): AllenNLP's switch: ``True`` is
-            ``layer_norm="tensor"``, ``False`` no normalisation. Default:
+        do_layer_norm (bool, optional): AllenNLP's switch, read by its
+            truth as AllenNLP does (any true value, such as the string
+            ``"scalar_norm_reg"`` of AllenNLP's own test, counts as ``True``):
+            true is ``layer_norm="tensor"``, false no normalisation. Default:
             ``None`` (not given: as AllenNLP's default, ``False``, unless
             ``layer_norm`` says otherwise).
         initial_scalar_parameters (list of float, optional): K pre-softmax
@@ -405,7 +407,7 @@ class ScalarMix(nn.Module):
     def __init__(
         self,
         mixture_size: int,
-        do_layer_norm: Optional[bool] = None,
+        do_layer_norm=None,
         initial_scalar_parameters: Optional[Sequence[float]] = None,
         trainable: bool = True,
         *,
@@ -511,12 +513,20 @@ def _check_scalar_mix_norm(do_layer_norm, layer_norm) -> Optional[str]:
         raise ValueError(f'layer_norm must be "tensor", "token" or None, got {layer_norm!r}')
     if do_layer_norm is None:
         return layer_norm
-    if not isinstance(do_layer_norm, (bool, int)):
-        raise TypeError(f"do_layer_norm must be a bool, got {type(do_layer_norm).__name__}")
-    implied = "tensor" if do_layer_norm else None
+    # AllenNLP reads only the truth of do_layer_norm (its own test passes the
+    # string "scalar_norm_reg"), so any value with a truth value is taken.
+    try:
+        flag = bool(do_layer_norm)
+    except Exception as error:  # a tensor of several elements, for one
+        raise TypeError(
+            f"do_layer_norm must have a truth value (a bool, or anything bool() reads), got "
+            f"{type(do_layer_norm).__name__}: {error}"
+        ) from None
+    implied = "tensor" if flag else None
     if layer_norm is not None and layer_norm != implied:
+        given = repr(flag) if isinstance(do_layer_norm, bool) else f"{do_layer_norm!r} (read as {flag})"
         raise ValueError(
-            f"do_layer_norm={bool(do_layer_norm)} contradicts layer_norm={layer_norm!r}: do_layer_norm=True "
+            f"do_layer_norm={given} contradicts layer_norm={layer_norm!r}: a true do_layer_norm "
             'means layer_norm="tensor"; give only layer_norm'
         )
     return implied

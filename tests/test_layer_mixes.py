@@ -250,3 +250,18 @@ def test_scalar_mix_layer_norm_and_do_layer_norm():
     mask[0, 3:] = False
     assert torch.equal(sp.ScalarMix(2, True)(tensors, mask), sp.ScalarMix(2, layer_norm="tensor")(tensors, mask))
     assert "layer_norm='token'" in repr(sp.ScalarMix(2, layer_norm="token"))
+
+
+def test_scalar_mix_reads_the_truth_of_do_layer_norm():
+    # As AllenNLP does: its own test passes do_layer_norm="scalar_norm_reg".
+    for value in ["scalar_norm_reg", 1, [0], torch.tensor(True), 2.5]:
+        assert sp.ScalarMix(3, do_layer_norm=value).layer_norm == "tensor", value
+    for value in ["", 0, [], torch.tensor(0.0), 0.0]:
+        assert sp.ScalarMix(3, do_layer_norm=value).layer_norm is None, value
+    assert sp.ScalarMix(3, "yes", layer_norm="tensor").do_layer_norm
+    with pytest.raises(ValueError, match=r"do_layer_norm='scalar_norm_reg' \(read as True\) contradicts layer_norm='token'"):
+        sp.ScalarMix(3, do_layer_norm="scalar_norm_reg", layer_norm="token")
+    with pytest.raises(ValueError, match=r"do_layer_norm='' \(read as False\) contradicts layer_norm='tensor'"):
+        sp.ScalarMix(3, do_layer_norm="", layer_norm="tensor")
+    with pytest.raises(TypeError, match="do_layer_norm must have a truth value .* got Tensor"):
+        sp.ScalarMix(3, do_layer_norm=torch.ones(2))
