@@ -186,10 +186,9 @@ class SimplexFusion(nn.Module):
 
     def reset_parameters(self) -> None:
         """Uniform weights (zero pre-weights) and a zero bias."""
-        with torch.no_grad():
-            self.parametrizations.weight.original.zero_()
-            if self.bias is not None:
-                self.bias.zero_()
+        nn.init.zeros_(self.parametrizations.weight.original)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         extra = "" if self.map == "softmax" else f", map={self.map!r}"
@@ -434,7 +433,17 @@ class ScalarMix(nn.Module):
             [nn.Parameter(initial[k : k + 1].clone(), requires_grad=trainable) for k in range(self.mixture_size)]
         )
         self.gamma = nn.Parameter(torch.ones(1), requires_grad=trainable)
+        # The constructor's start, for reset_parameters (not in the state_dict).
+        self._initial_scalars = initial.tolist()
         self.register_load_state_dict_pre_hook(ScalarMix._check_checkpoint)
+
+    def reset_parameters(self) -> None:
+        """The constructor's start, in place: ``scalar_parameters`` back to
+        ``initial_scalar_parameters`` (zeros, uniform weights, when none were
+        given) and ``gamma`` to 1. ``requires_grad`` is kept."""
+        for p, value in zip(self.scalar_parameters, self._initial_scalars):
+            nn.init.constant_(p, value)
+        nn.init.ones_(self.gamma)
 
     @property
     def do_layer_norm(self) -> bool:
@@ -617,15 +626,25 @@ class WeightedLayerSum(nn.Module):
             raise ValueError('formula="hf" takes no layer_norm: HF\'s use_weighted_layer_sum normalises nothing')
         self.layer_norm = layer_norm
         self.formula = formula
+        # The constructor's start, for reset_parameters: zeros here, 1 / L
+        # from hf(), as the sources start.
+        self._initial_value = 0.0
         self.layer_weights = nn.Parameter(torch.zeros(self.num_layers, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        """The constructor's start, in place: ``layer_weights`` all ``1 / L``
+        for a layer built by :meth:`hf` (HF's ``ones(L) / L``), zeros
+        otherwise; uniform weights either way. Call it where a checkpoint
+        lacks ``layer_weights``, for example from HF's ``_init_weights``."""
+        nn.init.constant_(self.layer_weights, self._initial_value)
 
     @classmethod
     def hf(cls, num_layers: int, *, device=None, dtype=None) -> "WeightedLayerSum":
         """HF transformers' ``use_weighted_layer_sum``: pre-weights
         ``ones(L) / L``, HF's formula."""
         mix = cls(num_layers, formula="hf", device=device, dtype=dtype)
-        with torch.no_grad():
-            mix.layer_weights.copy_(torch.ones_like(mix.layer_weights) / mix.num_layers)
+        mix._initial_value = 1.0 / mix.num_layers
+        mix.reset_parameters()
         return mix
 
     @classmethod

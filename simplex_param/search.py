@@ -102,6 +102,14 @@ class MixedOp(nn.Module):
             # pre-weights, uniform weights at first.
             parametrize.register_parametrization(self, "weight", Simplex(temperature=self.temperature, map=map))
 
+    def reset_parameters(self) -> None:
+        """The constructor's start for the layer's own weights: zero
+        pre-weights, uniform weights. The candidates are left alone (they
+        are modules of their own, with their own ``reset_parameters``); a
+        layer built with ``own_weights=False`` has nothing to reset."""
+        if parametrize.is_parametrized(self, "weight"):
+            nn.init.zeros_(self.parametrizations.weight.original)
+
     def extra_repr(self) -> str:
         return (
             f"num_candidates={len(self.candidates)}, mode={self.mode!r}, map={self.map!r}, "

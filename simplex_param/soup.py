@@ -203,6 +203,11 @@ class LearnedSoup(nn.Module):
         self.weight = nn.Parameter(torch.zeros(rows, K))
         parametrize.register_parametrization(self, "weight", Simplex(dim=-1, temperature=temperature, map=map))
 
+    def reset_parameters(self) -> None:
+        """The constructor's start: zero pre-weights, every row uniform
+        (:math:`1/K` for each member)."""
+        nn.init.zeros_(self.parametrizations.weight.original)
+
     @staticmethod
     def _store(t: Tensor, dtype) -> Tensor:
         t = t.detach()
