@@ -61,6 +61,18 @@ def _skeleton(template: nn.Module) -> nn.Module:
     return copy.deepcopy(template, memo)
 
 
+def _given_buffer(state: dict, key: str, like: Tensor, where: str) -> Tensor:
+    """``state[key]``, checked against the template's buffer ``like``, copied."""
+    if key not in state:
+        raise ValueError(f"buffers lacks the key {key!r}, a buffer of {where}")
+    t = state[key]
+    if not isinstance(t, Tensor):
+        raise TypeError(f"buffers[{key!r}] must be a Tensor, got {type(t).__name__}")
+    if t.shape != like.shape or t.dtype != like.dtype:
+        raise ValueError(f"buffers[{key!r}] has {_describe(t)}, but {_describe(like)} in {where}")
+    return t.detach().clone()
+
+
 class LearnedSoup(nn.Module):
     r"""A model whose tensors are learned convex combinations of K members'.
 
@@ -91,12 +103,17 @@ class LearnedSoup(nn.Module):
         dtype (torch.dtype, optional): store the members in this floating
             dtype (for example ``torch.bfloat16``, to halve their memory); the
             mixed tensors are cast back to the template's dtypes.
-        buffers (str or int): ``"mix"`` (default): floating buffers (such as
+        buffers (str, int, nn.Module or dict): ``"mix"`` (default): floating buffers (such as
             BatchNorm's running statistics) are mixed with the same weights,
             without a gradient: those of the first parameter of their own
             module (BatchNorm's weight), else the mean of the rows; integer
             buffers (``num_batches_tracked``) come from the first member. An
-            int ``k``: every buffer is taken from member ``k``, unmixed.
+            int ``k``: every buffer is taken from member ``k``, unmixed. A
+            module or a state_dict (for example the base model the members
+            were fine-tuned from, as the model-soups recipe runs): its
+            buffers are used as they are, copied once here; it must hold
+            every persistent buffer of the template with its shape and
+            dtype, and its other entries (parameters) are ignored.
             In train mode a BatchNorm uses the batch's statistics, and its
             updates of the buffers are dropped: each forward gets fresh
             mixes and copies.
@@ -145,8 +162,18 @@ class LearnedSoup(nn.Module):
             raise TypeError("members must be all modules or all state_dicts, not a mix")
         if not isinstance(template, nn.Module):
             raise TypeError(f"template must be an nn.Module, got {type(template).__name__}")
-        if buffers != "mix" and (isinstance(buffers, bool) or not isinstance(buffers, int) or not 0 <= buffers < K):
-            raise ValueError(f"buffers must be 'mix' or a member index in [0, {K - 1}], got {buffers!r}")
+        mix_buffers = isinstance(buffers, str) and buffers == "mix"
+        if isinstance(buffers, nn.Module):
+            buffer_state = buffers.state_dict(keep_vars=True)
+        elif isinstance(buffers, Mapping):
+            buffer_state = dict(buffers)
+        else:
+            buffer_state = None
+            if not mix_buffers and (isinstance(buffers, bool) or not isinstance(buffers, int) or not 0 <= buffers < K):
+                shown = repr(buffers) if isinstance(buffers, (str, int, float)) else f"a {type(buffers).__name__}"
+                raise ValueError(
+                    f"buffers must be 'mix', a member index in [0, {K - 1}], a module or a state_dict, got {shown}"
+                )
 
         reference_state = template.state_dict(keep_vars=True)
         first = "members[0]" if template is members[0] else "template"
@@ -171,7 +198,7 @@ class LearnedSoup(nn.Module):
             elif id(t) not in buffer_ids:
                 params.append(key)
             else:
-                (mixed_buffers if buffers == "mix" else self._fixed_keys).append(key)
+                (mixed_buffers if mix_buffers else self._fixed_keys).append(key)
         if not params:
             raise ValueError("the template has no floating parameters to mix")
         self._param_keys = params
@@ -183,12 +210,17 @@ class LearnedSoup(nn.Module):
             next((g for g, p in enumerate(params) if module_of[p] == key.rpartition(".")[0]), -1)
             for key in mixed_buffers
         ]
-        source = 0 if buffers == "mix" else buffers
+        source = buffers if isinstance(buffers, int) and not isinstance(buffers, bool) else 0
         # Plain attributes, not buffers: not in state_dict, not synchronised
         # by DistributedDataParallel; moved by _apply.
         self._members = [[self._store(states[k][key], dtype) for k in range(K)] for key in self._mixed_keys]
         # Copies (small): a module in train mode updates buffers in place.
         self._fixed = {key: states[source][key].detach().clone() for key in self._fixed_keys}
+        if buffer_state is not None:
+            # The given model's buffers, as they are (the recipe's base model's).
+            for key in self._fixed_keys:
+                if id(reference_state[key]) in buffer_ids:
+                    self._fixed[key] = _given_buffer(buffer_state, key, reference_state[key], first)
         # Non-persistent buffers (outside state_dict) come from the template.
         persistent = {id(t) for t in reference_state.values()}
         self._fixed.update({name: b.detach().clone() for name, b in template.named_buffers() if id(b) not in persistent})

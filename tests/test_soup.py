@@ -176,7 +176,19 @@ ERRORS = [
     (lambda: sp.LearnedSoup([net(), net().state_dict()]), TypeError, "members must be all modules or all state_dicts"),
     (lambda: sp.LearnedSoup([net()], granularity="layer"), ValueError,
      "granularity must be one of ('tensor', 'model'), got 'layer'"),
-    (lambda: sp.LearnedSoup([net()], buffers=3), ValueError, "buffers must be 'mix' or a member index in [0, 0], got 3"),
+    (lambda: sp.LearnedSoup([net()], buffers=3), ValueError,
+     "buffers must be 'mix', a member index in [0, 0], a module or a state_dict, got 3"),
+    (lambda: sp.LearnedSoup([net()], buffers="base"), ValueError,
+     "buffers must be 'mix', a member index in [0, 0], a module or a state_dict, got 'base'"),
+    (lambda: sp.LearnedSoup([net()], buffers=[0]), ValueError,
+     "buffers must be 'mix', a member index in [0, 0], a module or a state_dict, got a list"),
+    (lambda: sp.LearnedSoup([net()], buffers=nn.Linear(4, 8)), ValueError,
+     "buffers lacks the key '1.running_mean', a buffer of members[0]"),
+    (lambda: sp.LearnedSoup([net()], buffers={**net().state_dict(), "1.running_var": torch.ones(7)}), ValueError,
+     "buffers['1.running_var'] has shape [7] and dtype torch.float32, but shape [8] and dtype torch.float32 in "
+     "members[0]"),
+    (lambda: sp.LearnedSoup([net()], buffers={**net().state_dict(), "1.running_var": [1.0] * 8}), TypeError,
+     "buffers['1.running_var'] must be a Tensor, got list"),
     (lambda: sp.LearnedSoup([net()], dtype=torch.int8), TypeError, "dtype must be a floating torch.dtype or None"),
     (lambda: sp.LearnedSoup([net()], map="relu"), ValueError, "map must be one of"),
     (lambda: sp.LearnedSoup([nn.ReLU()]), ValueError, "the template has no floating parameters to mix"),
@@ -214,3 +226,37 @@ def test_to_another_dtype_moves_members_and_mixes_alike():
     template = net(5).double().eval()
     template.load_state_dict(soup.merged_state_dict())
     torch.testing.assert_close(out, template(x))
+
+
+def test_buffers_from_the_base_model_as_they_are():
+    # The model-soups recipe runs the soup with its base model's buffers.
+    base = net(50)
+    base.train()(torch.randn(64, 4) * 3 - 2)              # statistics unlike any member's
+    base.eval()
+    members = trained_members(3)
+    x = torch.randn(6, 4)
+    for given in (base, base.state_dict()):
+        soup = sp.LearnedSoup(members, buffers=given).eval()
+        with torch.no_grad():
+            soup.parametrizations.weight.original.normal_(generator=torch.Generator().manual_seed(1))
+        merged = soup.merged_state_dict()
+        for key, b in base.named_buffers():
+            assert torch.equal(merged[key], b), key
+        # The parameters are still the mix; the outputs are the template's with them.
+        w = soup.weight[soup.mixed_names.index("0.weight")].detach()
+        torch.testing.assert_close(merged["0.weight"], sum(w[k] * m[0].weight for k, m in enumerate(members)))
+        model = net(99)
+        model.load_state_dict(merged)
+        torch.testing.assert_close(soup(x), model.eval()(x))
+        mixed = sp.LearnedSoup(members).eval()
+        mixed.weight = soup.weight.detach()
+        assert not torch.allclose(soup(x), mixed(x))      # the buffers matter here
+    # Copied once: later changes to the base model do not reach the soup.
+    soup = sp.LearnedSoup(members, buffers=base).eval()
+    before = soup.merged_state_dict()["1.running_mean"]
+    with torch.no_grad():
+        base[1].running_mean.add_(1.0)
+    assert torch.equal(soup.merged_state_dict()["1.running_mean"], before)
+    # Train mode updates nothing in the soup.
+    soup.train()(torch.randn(8, 4))
+    assert torch.equal(soup.merged_state_dict()["1.running_mean"], before)
