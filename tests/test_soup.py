@@ -260,3 +260,29 @@ def test_buffers_from_the_base_model_as_they_are():
     # Train mode updates nothing in the soup.
     soup.train()(torch.randn(8, 4))
     assert torch.equal(soup.merged_state_dict()["1.running_mean"], before)
+
+
+def test_update_bn_on_the_merged_model():
+    # The merged model's BatchNorm statistics are a mix of the members';
+    # torch.optim.swa_utils.update_bn recomputes them on data.
+    members = trained_members(3)
+    soup = sp.LearnedSoup(members).eval()
+    soup.weight = torch.softmax(torch.randn(soup.weight.shape, generator=torch.Generator().manual_seed(2)), -1)
+    merged = net(99)
+    merged.load_state_dict(soup.merged_state_dict())
+    x_held, y_held = torch.randn(256, 4) * 2 + 1, torch.randint(3, (256,))
+    mixed_loss = nn.functional.cross_entropy(merged.eval()(x_held), y_held).item()
+    loader = torch.utils.data.DataLoader(x_held, batch_size=256)   # one batch: exact statistics
+    torch.optim.swa_utils.update_bn(loader, merged)
+    h = merged[0](x_held).detach()
+    torch.testing.assert_close(merged[1].running_mean, h.mean(0))
+    torch.testing.assert_close(merged[1].running_var, h.var(0, unbiased=True))
+    assert merged[1].num_batches_tracked == 1       # update_bn starts the statistics afresh
+    recomputed_loss = nn.functional.cross_entropy(merged.eval()(x_held), y_held).item()
+    print(f"held-out loss with the mixed statistics {mixed_loss:.4f}, after update_bn {recomputed_loss:.4f}")
+    # The soup itself is untouched: its buffers are still the mix.
+    assert not torch.equal(soup.merged_state_dict()["1.running_mean"], merged[1].running_mean)
+    # Several batches give their (cumulative) mean, as update_bn documents.
+    merged.load_state_dict(soup.merged_state_dict())
+    torch.optim.swa_utils.update_bn(torch.utils.data.DataLoader(x_held, batch_size=64), merged)
+    torch.testing.assert_close(merged[1].running_mean, h.mean(0))
