@@ -86,9 +86,10 @@ class LearnedSoup(nn.Module):
     call per forward (the parameters and, by default, the floating buffers).
     The members are frozen and held once, without copies
     (unless ``dtype`` asks for one); they get no gradients and no gradient
-    writes. Its only parameter is ``weight``, the ``(G, K)`` (or ``(1, K)``)
+    writes. Its parameter is ``weight``, the ``(G, K)`` (or ``(1, K)``)
     probabilities, parametrized by :class:`~simplex_param.Simplex`: assign
-    probabilities to it (``soup.weight = p``) to choose the starting point.
+    probabilities to it (``soup.weight = p``) to choose the starting point;
+    with ``output_scale=True``, also ``beta``.
 
     Args:
         members: K modules of one architecture, or K state_dicts together
@@ -114,6 +115,10 @@ class LearnedSoup(nn.Module):
             buffers are used as they are, copied once here; it must hold
             every persistent buffer of the template with its shape and
             dtype, and its other entries (parameters) are ignored.
+        output_scale (bool): learn a scalar ``beta`` (a parameter, 1 at the
+            start) that multiplies the template's output, the logits, as
+            the model-soups recipe does. ``soup.beta`` is ``None`` without
+            it. Default: ``False``.
             In train mode a BatchNorm uses the batch's statistics, and its
             updates of the buffers are dropped: each forward gets fresh
             mixes and copies.
@@ -140,8 +145,11 @@ class LearnedSoup(nn.Module):
         map: str = "softmax",
         dtype: Optional[torch.dtype] = None,
         buffers="mix",
+        output_scale: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(output_scale, bool):
+            raise TypeError(f"output_scale must be a bool, got {type(output_scale).__name__}")
         if granularity not in _GRANULARITIES:
             raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -234,11 +242,18 @@ class LearnedSoup(nn.Module):
         rows = len(params) if granularity == "tensor" else 1
         self.weight = nn.Parameter(torch.zeros(rows, K))
         parametrize.register_parametrization(self, "weight", Simplex(dim=-1, temperature=temperature, map=map))
+        if output_scale:
+            # The recipe's beta: nn.Parameter(torch.tensor(1.0)).
+            self.beta = nn.Parameter(torch.ones(()))
+        else:
+            self.register_parameter("beta", None)
 
     def reset_parameters(self) -> None:
         """The constructor's start: zero pre-weights, every row uniform
-        (:math:`1/K` for each member)."""
+        (:math:`1/K` for each member), and ``beta = 1``."""
         nn.init.zeros_(self.parametrizations.weight.original)
+        if self.beta is not None:
+            nn.init.ones_(self.beta)
 
     @staticmethod
     def _store(t: Tensor, dtype) -> Tensor:
@@ -258,8 +273,9 @@ class LearnedSoup(nn.Module):
         return list(self._param_keys)
 
     def extra_repr(self) -> str:
+        scale = ", output_scale=True" if self.beta is not None else ""
         return (f"members={self.num_members}, tensors={len(self._param_keys)}, granularity={self.granularity!r}, "
-                f"temperature={self.temperature}, map={self.map!r}")
+                f"temperature={self.temperature}, map={self.map!r}{scale}")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -294,11 +310,22 @@ class LearnedSoup(nn.Module):
         return tensors
 
     def forward(self, *args, **kwargs):
-        return torch.func.functional_call(self._template, self.mixed(), args, kwargs)
+        out = torch.func.functional_call(self._template, self.mixed(), args, kwargs)
+        if self.beta is None:
+            return out
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"output_scale=True multiplies the template's output by beta, so the output must be a Tensor "
+                f"(the logits), got {type(out).__name__}"
+            )
+        return self.beta * out
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict:
         """The final soup as a plain state_dict of the template: loaded into
-        the template, it gives the soup's outputs (in eval mode)."""
+        the template, it gives the soup's outputs (in eval mode). With
+        ``output_scale=True`` the soup's output is ``soup.beta`` times the
+        template's: ``beta`` is not in this state_dict (the template has no
+        place for it); read it from ``soup.beta``."""
         tensors = self.mixed()
         return {key: tensors[self._canonical[key]].detach().clone() for key in self._keys}

@@ -286,3 +286,57 @@ def test_update_bn_on_the_merged_model():
     merged.load_state_dict(soup.merged_state_dict())
     torch.optim.swa_utils.update_bn(torch.utils.data.DataLoader(x_held, batch_size=64), merged)
     torch.testing.assert_close(merged[1].running_mean, h.mean(0))
+
+
+def test_output_scale_is_the_recipes_beta_with_its_gradient():
+    members = trained_members(4)
+    soup = sp.LearnedSoup(members, buffers=0, output_scale=True).eval()
+    assert [name for name, _ in soup.named_parameters()] == ["beta", "parametrizations.weight.original"]
+    assert soup.beta.shape == () and soup.beta.item() == 1.0
+    assert "output_scale=True" in repr(soup)
+    alpha = torch.randn(soup.weight.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        soup.parametrizations.weight.original.copy_(alpha)
+        soup.beta.fill_(1.7)
+    # The recipe: beta * functional_call(model, mixed params), beta a 0-D parameter.
+    alpha_r = alpha.clone().requires_grad_()
+    beta_r = nn.Parameter(torch.tensor(1.7))
+    template = members[0].eval()
+    x = torch.randn(6, 4)
+    before = beta_r * torch.func.functional_call(template, recipe(members, alpha_r), (x,))
+    after = soup(x)
+    torch.testing.assert_close(after, before)
+    before.square().sum().backward()
+    after.square().sum().backward()
+    torch.testing.assert_close(soup.beta.grad, beta_r.grad)
+    torch.testing.assert_close(soup.parametrizations.weight.original.grad, alpha_r.grad)
+    # d/dbeta sum((beta f)^2) = 2 beta sum(f^2), with f the unscaled logits.
+    f = (after / 1.7).detach()
+    torch.testing.assert_close(soup.beta.grad, 2 * 1.7 * f.square().sum())
+    # beta is not in the merged state_dict: the template gives the unscaled logits.
+    model = net(99)
+    model.load_state_dict(soup.merged_state_dict())
+    torch.testing.assert_close(soup.beta.detach() * model.eval()(x), after.detach())
+    # An optimizer step moves beta, and reset_parameters puts it back to 1.
+    torch.optim.SGD(soup.parameters(), lr=1e-3).step()
+    assert soup.beta.item() != 1.7
+    soup.reset_parameters()
+    assert soup.beta.item() == 1.0 and torch.equal(soup.weight, torch.full(soup.weight.shape, 0.25))
+    assert sp.LearnedSoup(members).beta is None
+
+
+def test_output_scale_errors():
+    with pytest.raises(TypeError, match="output_scale must be a bool, got str"):
+        sp.LearnedSoup([net()], output_scale="yes")
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    soup = sp.LearnedSoup([TwoHeads(), TwoHeads()], output_scale=True)
+    with pytest.raises(TypeError, match="output_scale=True .* the output must be a Tensor .*, got tuple"):
+        soup(torch.randn(3, 4))
