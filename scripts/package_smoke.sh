@@ -3,9 +3,10 @@
 # package-check, run by .ci/run).
 #
 #   1. the sdist, built from this tree, holds every source of
-#      csrc/sources.txt, every header under csrc/ and simplex_param/errors.def;
+#      csrc/sources.txt, every header under csrc/, simplex_param/errors.def
+#      and the command-line tools (simplex_param/cli/);
 #   2. a wheel built from that sdist (pip wheel --no-build-isolation) holds
-#      the compiled extension, errors.def and the build record;
+#      the compiled extension, errors.def, the build record and the tools;
 #   3. in a new virtual environment with only torch ($TORCH_SPEC), the wheel
 #      installs, and from another folder the package imports, loads its
 #      compiled extension, and softmax_weighted_sum's forward and backward
@@ -32,6 +33,7 @@ tar tzf "$SDIST" | sed 's|^[^/]*/||' >"$WORK/sdist.txt"
 {
     echo setup.py; echo pyproject.toml; echo README.md
     echo csrc/sources.txt; echo simplex_param/_version.py; echo simplex_param/errors.def
+    echo simplex_param/__main__.py; find simplex_param/cli -name '*.py'
     sed -e 's/#.*//' -e '/^[[:space:]]*$/d' csrc/sources.txt
     find csrc -name '*.h' -o -name '*.cuh'
 } | sort -u >"$WORK/expected.txt"
@@ -44,9 +46,10 @@ step "wheel from the sdist (compiles the extension)"
 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/wheel" "$SDIST"
 WHEEL=$(ls "$WORK"/wheel/simplex_param-*.whl)
 "$PY" - "$WHEEL" <<'PYEOF'
-import sys, zipfile
+import glob, sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-wanted = ["simplex_param/errors.def", "simplex_param/_build_info.json", "simplex_param/_version.py"]
+wanted = ["simplex_param/errors.def", "simplex_param/_build_info.json", "simplex_param/_version.py",
+          "simplex_param/__main__.py", *sorted(glob.glob("simplex_param/cli/*.py"))]
 missing = [n for n in wanted if n not in names]
 if not any(n.startswith("simplex_param/_C") and n.endswith(".so") for n in names):
     missing.append("simplex_param/_C*.so")

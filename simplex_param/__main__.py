@@ -4,9 +4,9 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("simplex_param.demo", "learn mixing weights on synthetic data with a known true mixture"),
-    "bench": ("simplex_param.bench", "time the fused operator against the alternatives and the memory floor"),
-    "soup": ("simplex_param.soup_demo", "learn a model soup of K fine-tuned classifiers on a synthetic task"),
+    "demo": ("simplex_param.cli.demo", "learn mixing weights on synthetic data with a known true mixture"),
+    "bench": ("simplex_param.cli.bench", "time the fused operator against the alternatives and the memory floor"),
+    "soup": ("simplex_param.cli.soup_demo", "learn a model soup of K fine-tuned classifiers on a synthetic task"),
 }
 
 

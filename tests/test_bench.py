@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from simplex_param import bench
+from simplex_param.cli import bench, timing
 
 
 def _check_report(report, cases, contenders, overhead=False):
@@ -35,7 +35,7 @@ def _check_report(report, cases, contenders, overhead=False):
 def test_samples_rotate_and_count_page_faults():
     order = []
     steps = {name: (lambda name=name: order.append(name)) for name in "abc"}
-    bench._median_times(steps, 3, torch.device("cpu"), 0.0)
+    timing.median_times(steps, 3, torch.device("cpu"), 0.0)
     rounds = order[-9:]  # after the warm-up; one call a sample at target 0
     assert [rounds[i] for i in (0, 3, 6)] == ["a", "b", "c"]  # each goes first once
     assert sorted(rounds) == sorted("abc" * 3)
@@ -43,7 +43,7 @@ def test_samples_rotate_and_count_page_faults():
     # Over two cycles, each step comes right after each other step in a
     # round: none always follows the same one (the floor's copy, say).
     order.clear()
-    bench._median_times(steps, 6, torch.device("cpu"), 0.0)
+    timing.median_times(steps, 6, torch.device("cpu"), 0.0)
     rounds = ["".join(order[-18:][i:i + 3]) for i in range(0, 18, 3)]
     followed = {(r[j], r[j + 1]) for r in rounds for j in range(2)}
     assert followed == {(a, b) for a in "abc" for b in "abc" if a != b}, rounds
@@ -58,7 +58,7 @@ def test_samples_rotate_and_count_page_faults():
         m.close()
 
     faults = {}
-    bench._median_times({"fresh": touch_fresh_pages, "none": lambda: None}, 3, torch.device("cpu"), 0.001, faults)
+    timing.median_times({"fresh": touch_fresh_pages, "none": lambda: None}, 3, torch.device("cpu"), 0.001, faults)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt > 0
     assert faults["fresh"] >= 60 and faults["none"] < 1
 
@@ -141,7 +141,7 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_grouped_sets_and_one_grouped_run():
-    from simplex_param import bench_grouped
+    from simplex_param.cli import bench_grouped
 
     shapes = bench_grouped.resnet18_shapes()
     assert len(shapes) == 62

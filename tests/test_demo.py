@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from simplex_param import demo
+from simplex_param.cli import demo
 
 SMALL = ["--steps", "120", "--batch", "64", "--features", "256"]
 ROW = re.compile(r"^\s*(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", re.M)
@@ -131,7 +131,7 @@ def test_soup_demo_learns_a_better_soup_than_the_uniform_one(capsys):
     """``python -m simplex_param soup``, at a smaller width: the learned soup
     beats the uniform one (whose two off-task members pull it down) and the
     best member; both training steps are timed and their memory measured."""
-    from simplex_param import soup_demo
+    from simplex_param.cli import soup_demo
 
     assert soup_demo.main(["--hidden", "256", "--steps", "100"]) == 0
     out = capsys.readouterr().out

@@ -27,7 +27,9 @@ import time
 
 import torch
 
-from .ops import grouped_softmax_weighted_sum, softmax_weighted_sum
+from simplex_param import grouped_softmax_weighted_sum, softmax_weighted_sum
+
+from .timing import median_times, peak_extra_bytes, sync
 
 GROUPED_SETS = ("grouped-resnet18", "grouped-many-small")
 GROUPED_CONTENDERS = ("grouped", "loop", "recipe", "foreach", "compile")
@@ -89,8 +91,6 @@ def _step(fn, logits, groups, grads):
 
 def run_grouped(name, dtype, mode, contenders, repeats, device, target_s, log=None):
     """Times `contenders` and the floor on one grouped set; returns a result dict."""
-    from .bench import _median_times, _peak_extra_bytes, _sync
-
     shapes = resnet18_shapes() if name == "grouped-resnet18" else many_small_shapes()
     if name == "grouped-many-small" and contenders == GROUPED_CONTENDERS:
         contenders = tuple(c for c in contenders if c != "compile")
@@ -112,10 +112,10 @@ def run_grouped(name, dtype, mode, contenders, repeats, device, target_s, log=No
             torch._dynamo.reset()
             t0 = time.perf_counter()
             step()
-            _sync(device)
+            sync(device)
             compile_s = time.perf_counter() - t0
         steps[c] = step
-    times = _median_times(steps, repeats, device, target_s)
+    times = median_times(steps, repeats, device, target_s)
     del src, dst
     steps.pop("floor")
     mixed_bytes = n * groups[0][0].element_size()
@@ -127,7 +127,7 @@ def run_grouped(name, dtype, mode, contenders, repeats, device, target_s, log=No
         result["contenders"][c] = {
             "time_s": times[c],
             "ratio": times[c] / times["floor"],
-            "peak_mixed": _peak_extra_bytes(step, device) / mixed_bytes,
+            "peak_mixed": peak_extra_bytes(step, device) / mixed_bytes,
         }
         if c == "compile":
             result["contenders"][c]["compile_s"] = compile_s

@@ -31,12 +31,9 @@ import time
 import torch
 from torch import nn
 
-from ._ext import extension_loaded
-from .diagnostics import summary
-from .layers import SimplexFusion
-from .weightlog import WeightLogger
+from simplex_param import SimplexFusion, WeightLogger, extension_loaded, summary
 
-__all__ = ["add_arguments", "run", "main"]
+__all__ = ["add_arguments", "run", "main", "positive_int", "progress"]
 
 TOLERANCE = 0.02
 NOISE = 0.1
@@ -59,7 +56,7 @@ class HandWrittenFusion(nn.Module):
         return sum(w[k] * x for k, x in enumerate(inputs))
 
 
-def _positive_int(minimum: int):
+def positive_int(minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -74,13 +71,13 @@ def _positive_int(minimum: int):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser``."""
-    parser.add_argument("--steps", type=_positive_int(1), default=200, help="training steps (default: 200)")
-    parser.add_argument("--inputs", type=_positive_int(2), default=4, help="number of branches K (default: 4)")
+    parser.add_argument("--steps", type=positive_int(1), default=200, help="training steps (default: 200)")
+    parser.add_argument("--inputs", type=positive_int(2), default=4, help="number of branches K (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the data and the true weights (default: 0)")
     parser.add_argument("--device", default="cpu", help="device to train on, e.g. cpu or cuda (default: cpu)")
-    parser.add_argument("--batch", type=_positive_int(1), default=256, help="rows per branch tensor (default: 256)")
+    parser.add_argument("--batch", type=positive_int(1), default=256, help="rows per branch tensor (default: 256)")
     parser.add_argument(
-        "--features", type=_positive_int(1), default=4096, help="columns per branch tensor (default: 4096)"
+        "--features", type=positive_int(1), default=4096, help="columns per branch tensor (default: 4096)"
     )
     parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate, cosine-decayed (default: 0.05)")
     parser.add_argument(
@@ -89,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _progress(steps: int):
+def progress(steps: int):
     """A tqdm progress bar over the steps, or a plain stand-in when tqdm is missing."""
     try:
         from tqdm import tqdm
@@ -185,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         schedules[name].step()
         return loss
 
-    bar = _progress(args.steps)
+    bar = progress(args.steps)
     order = list(models)
     for i in range(args.steps):
         xs, y = batches[i % POOL]
@@ -245,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """Entry point for ``python -m simplex_param.demo``."""
+    """Entry point for ``python -m simplex_param.cli.demo``."""
     parser = argparse.ArgumentParser(prog="python -m simplex_param demo", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -17,9 +17,10 @@ import time
 import torch
 from torch import nn
 
-from .bench import _peak_extra_bytes
-from .demo import _positive_int, _progress
-from .soup import LearnedSoup
+from simplex_param import LearnedSoup
+
+from .demo import positive_int, progress
+from .timing import peak_extra_bytes
 
 __all__ = ["add_arguments", "run", "main"]
 
@@ -27,11 +28,11 @@ FEATURES, CLASSES = 32, 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--members", type=_positive_int(2), default=6, help="number of members K (default: 6)")
-    parser.add_argument("--noisy", type=_positive_int(0), default=2,
+    parser.add_argument("--members", type=positive_int(2), default=6, help="number of members K (default: 6)")
+    parser.add_argument("--noisy", type=positive_int(0), default=2,
                         help="members fine-tuned on another task, the labels permuted (default: 2)")
-    parser.add_argument("--hidden", type=_positive_int(1), default=1024, help="hidden width of the MLPs (default: 1024)")
-    parser.add_argument("--steps", type=_positive_int(1), default=150, help="soup training steps (default: 150)")
+    parser.add_argument("--hidden", type=positive_int(1), default=1024, help="hidden width of the MLPs (default: 1024)")
+    parser.add_argument("--steps", type=positive_int(1), default=150, help="soup training steps (default: 150)")
     parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the soup (default: 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     uniform = LearnedSoup(members).eval()
     soup = LearnedSoup(members).eval()
     opt = torch.optim.Adam(soup.parameters(), lr=args.lr)
-    bar = _progress(args.steps)
+    bar = progress(args.steps)
     for _ in range(args.steps):
         loss = nn.functional.cross_entropy(soup(x_held), y_held)
         opt.zero_grad()
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"one training step (batch {len(x_held)}; one model is {model_bytes / 2**20:.2f} MiB):")
     for name, step in (("LearnedSoup", soup_step), ("model-soups recipe", recipe_step)):
         seconds = _median_time(step)
-        peak = _peak_extra_bytes(step, torch.device("cpu"))
+        peak = peak_extra_bytes(step, torch.device("cpu"))
         print(f"  {name:<19} {seconds * 1e3:8.2f} ms   peak extra memory {peak / 2**20:7.2f} MiB "
               f"({peak / model_bytes:.1f} models)")
     print(f"total {time.perf_counter() - t_start:.1f} s")

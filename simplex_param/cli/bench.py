@@ -21,24 +21,22 @@ of one call is measured: on CPU from the allocations recorded by
 """
 import argparse
 import contextlib
-import gc
 import glob
 import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from . import bench_grouped, reference
+from simplex_param import MixedOp, extension_loaded, reference, softmax_weighted_sum
+
+from . import bench_grouped
 from .bench_grouped import GROUPED_CONTENDERS, GROUPED_SETS
-from . import _ext
-from ._ext import extension_loaded
-from .ops import softmax_weighted_sum
+from .timing import median_times, peak_extra_bytes, sync
 
 __all__ = ["main", "add_arguments", "run", "run_benchmark"]
 
@@ -129,114 +127,6 @@ def _step(fn, logits, xs, grad):
 # Measurement.
 # --------------------------------------------------------------------------
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _calls_per_sample(step, device, target_s):
-    _sync(device)
-    t0 = time.perf_counter()
-    step()
-    _sync(device)
-    return max(1, min(1000, int(target_s / max(time.perf_counter() - t0, 1e-7))))
-
-
-def _minor_faults():
-    """Minor page faults of this process so far (0 where the platform has no
-    getrusage): a fresh page's first touch."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _sample(step, calls, device, faults=None):
-    if calls > 1:
-        # One untimed call first: the step before (the floor's copy, say) may
-        # have evicted this one's operands from the cache.
-        step()
-    _sync(device)
-    f0, t0 = _minor_faults(), time.perf_counter()
-    for _ in range(calls):
-        step()
-    _sync(device)
-    t1 = time.perf_counter()
-    if faults is not None:
-        faults.append((_minor_faults() - f0) / calls)
-    return (t1 - t0) / calls
-
-
-def _median_times(steps, repeats, device, target_s, faults=None):
-    """Median seconds per call of each step: a warm-up, then `repeats` samples
-    taken round-robin, each of enough calls to last about `target_s`. The
-    order rotates from one round to the next, and every other cycle of
-    rotations runs it backwards: a rotation alone keeps the cyclic order, so
-    the same step would always follow the floor's copy and pay for the
-    cache it leaves dirty. `faults`, a dict, gets each step's median page
-    faults per call."""
-    for step in steps.values():
-        step()
-        step()
-    calls = {name: _calls_per_sample(step, device, target_s) for name, step in steps.items()}
-    samples = {name: [] for name in steps}
-    names = list(steps)
-    fault_samples = {name: [] for name in steps}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        if (r // len(names)) % 2:
-            order.reverse()
-        for name in order:
-            samples[name].append(_sample(steps[name], calls[name], device, fault_samples[name]))
-    if faults is not None:
-        faults.update({name: statistics.median(f) for name, f in fault_samples.items()})
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silences the profiler's start/stop lines, written by C++ to fd 2."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _peak_extra_bytes(step, device):
-    """Peak bytes allocated during one call (its results freed afterwards)."""
-    gc.collect()
-    if device.type == "cuda":
-        _sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch._C._profiler import _EventType
-
-    with _quiet_stderr(), torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        step()
-    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
-    current = peak = 0
-    for _, size in sorted(allocations):
-        current += size
-        peak = max(peak, current)
-    return peak
-
-
 def last_level_cache_bytes():
     """The size of the largest cache of CPU 0, from sysfs (else glibc's
     sysconf), or None when neither says."""
@@ -310,14 +200,14 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
             with inductor_config.patch(fx_graph_cache=False, autotune_local_cache=False), \
                     functorch_config.patch(enable_autograd_cache=False):
                 step()
-            _sync(device)
+            sync(device)
             compile_s = time.perf_counter() - t0
         else:
             step = _step(_contender(name), logits, xs, grad)
         steps[name] = step
 
     faults = {}
-    times = _median_times(steps, repeats, device, target_s, faults)
+    times = median_times(steps, repeats, device, target_s, faults)
     del src, dst
     steps.pop("floor")
 
@@ -338,7 +228,7 @@ def run_one(case, dtype, mode, contenders, repeats, device, target_s, log=None):
         entry = {
             "time_s": times[name],
             "ratio": times[name] / floor,
-            "peak_bytes": _peak_extra_bytes(step, device),
+            "peak_bytes": peak_extra_bytes(step, device),
             "page_faults": faults[name],
         }
         if name == "compile":
@@ -370,7 +260,7 @@ def run_overhead(contenders, repeats, device, target_s, log=None):
             for name in contenders:
                 step = _step(_contender(name), logits, xs, grad if mode == "fwd+bwd" else None)
                 steps[name] = _no_grad(step) if mode == "fwd no_grad" else step
-            times = _median_times(steps, repeats, device, target_s)
+            times = median_times(steps, repeats, device, target_s)
             row = {"K": K, "numel": n, "mode": mode, "contenders": {
                 name: {"time_s": t, "ratio_to_eager": t / times["eager"]} for name, t in times.items()}}
             rows.append(row)
@@ -388,8 +278,6 @@ def run_overhead(contenders, repeats, device, target_s, log=None):
 def _search_cell(mode, C):
     """Two MixedOp edges in a chain over DARTS-like candidates."""
     from torch import nn
-
-    from .search import MixedOp
 
     def candidates():
         return [nn.Conv2d(C, C, 3, padding=1, bias=False), nn.Conv2d(C, C, 5, padding=2, bias=False),
@@ -417,9 +305,9 @@ def run_search(repeats, device, target_s, log=None):
             for p in edges.parameters():
                 p.grad = None
         steps[mode] = step
-    times = _median_times(steps, repeats, device, target_s)
+    times = median_times(steps, repeats, device, target_s)
     size = x.numel() * x.element_size()
-    rows = {mode: {"time_s": times[mode], "peak_inputs": _peak_extra_bytes(steps[mode], device) / size}
+    rows = {mode: {"time_s": times[mode], "peak_inputs": peak_extra_bytes(steps[mode], device) / size}
             for mode in steps}
     if log:
         log(f"\n{SEARCH}: one training step, 2 MixedOp edges x 5 candidates, input {list(shape)}")
@@ -470,6 +358,14 @@ def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, conte
     return report
 
 
+def _cpu_capability():
+    """The instruction set of the CPU kernels running, from
+    ``simplex_param._C.cpu_capability()`` (docs/usage.md) when that module was
+    imported (a prebuilt extension), else None."""
+    module = sys.modules.get("simplex_param._C")
+    return module.cpu_capability() if module is not None else None
+
+
 def machine_info(device):
     cpu, family, model = platform.processor() or platform.machine(), None, None
     with contextlib.suppress(OSError):
@@ -491,7 +387,7 @@ def machine_info(device):
     info = {
         "cpu": cpu,
         "last_level_cache_bytes": llc,
-        "cpu_capability": _ext.MODULE.cpu_capability() if _ext.MODULE is not None else None,
+        "cpu_capability": _cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
