@@ -16,6 +16,7 @@
 
 #include "contraction.h"
 #include "maps.h"
+#include "simplex_ops.h"
 
 namespace simplex_param {
 namespace {
@@ -48,9 +49,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward_op
 // (fake tensors while torch.compile traces, functorch wrappers).
 std::vector<bool> zero_weights(const at::Tensor& weights) {
   std::vector<bool> zero;
-  const at::ScalarType t = weights.scalar_type();
-  const bool kernel_dtype = t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-  if (weights.dim() != 1 || !weights.device().is_cpu() || !kernel_dtype || at::isTensorSubclassLike(weights)) {
+  if (weights.dim() != 1 || !weights.device().is_cpu() || !kernel_dtype(weights.scalar_type()) ||
+      at::isTensorSubclassLike(weights)) {
     return zero;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "zero_weights", [&] {
@@ -147,9 +147,9 @@ class SimplexWeightedSumFunction : public torch::autograd::Function<SimplexWeigh
  public:
   static at::Tensor forward(
       AutogradContext* ctx, const at::Tensor& logits, at::TensorList inputs, c10::string_view map,
-      double temperature) {
+      double temperature, c10::optional<double> alpha) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [w, out] = mapped_weighted_sum(logits, inputs, map, temperature);
+    auto [w, out] = mapped_weighted_sum(logits, inputs, map, temperature, alpha);
     // The logits, to rebuild w differentiably for double backward; the
     // inputs, only for the logits' gradient.
     std::vector<at::Tensor> saved{logits, w};
@@ -157,6 +157,7 @@ class SimplexWeightedSumFunction : public torch::autograd::Function<SimplexWeigh
     ctx->save_for_backward(saved);
     ctx->saved_data["map"] = std::string(map);
     ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["alpha"] = alpha.value_or(MapArgs{}.alpha);
     return out;
   }
 
@@ -164,7 +165,7 @@ class SimplexWeightedSumFunction : public torch::autograd::Function<SimplexWeigh
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& logits = saved[0];
     const SimplexMap& m = find_map(ctx->saved_data["map"].toStringRef());
-    const double temperature = ctx->saved_data["temperature"].toDouble();
+    const MapArgs args{ctx->saved_data["temperature"].toDouble(), ctx->saved_data["alpha"].toDouble()};
     const int64_t K = logits.size(-1);
     const bool need_l = ctx->needs_input_grad(0);
     std::vector<bool> need_x(K);
@@ -176,13 +177,14 @@ class SimplexWeightedSumFunction : public torch::autograd::Function<SimplexWeigh
     variable_list grads;
     at::Tensor w = saved[1];
     if (at::GradMode::is_enabled()) {
-      w = m.forward(logits.to(w.scalar_type()), temperature);  // the same w, now with a graph
+      // The same w, now with a graph: the map's closed-form vjp to any order.
+      w = map_with_graph(m, logits.to(w.scalar_type()), args);
       grads = differentiable_backward(grad, w, xs, need_l, need_x);
     } else {
       grads = contraction_backward(grad, w, xs, need_l, need_x, m.ignores_zero_weights);
     }
-    if (need_l) grads[0] = m.vjp(w, grads[0], temperature).to(logits.scalar_type());
-    grads.resize(1 + K + 2);  // no gradient for map and temperature
+    if (need_l) grads[0] = m.vjp(w, grads[0], args).to(logits.scalar_type());
+    grads.resize(1 + K + 3);  // no gradient for map, temperature and alpha
     return grads;
   }
 };
@@ -242,8 +244,9 @@ at::Tensor weighted_sum_autograd(const at::Tensor& weights, at::TensorList input
 }
 
 at::Tensor simplex_weighted_sum_autograd(
-    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
-  return SimplexWeightedSumFunction::apply(logits, inputs, map, temperature);
+    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature,
+    c10::optional<double> alpha) {
+  return SimplexWeightedSumFunction::apply(logits, inputs, map, temperature, alpha);
 }
 
 std::vector<at::Tensor> grouped_weighted_sum_autograd(const at::Tensor& weights, at::TensorList inputs) {

@@ -1,5 +1,7 @@
 #include "checks.h"
 
+#include "dtypes.h"
+
 #include <c10/util/Exception.h>
 
 #include <charconv>
@@ -120,12 +122,6 @@ void check_prefix(const at::Tensor& weights, const char* name, at::IntArrayRef o
     fail(Error::weights_prefix,
          {{"name", name}, {"shape", py(weights.sizes())}, {"other_shape", py(other)}, {"other", other_name}});
   }
-}
-
-// The dtypes the kernels take (weights may have any floating dtype: they are
-// converted first).
-bool kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 void check_weights(const at::Tensor& weights, const char* name) {
@@ -299,6 +295,12 @@ void check_grouped_backward_args(
       check_grad(grads[g], inputs.slice(g * K, K), g);
     }
   }
+}
+
+void check_alpha(const char* map, bool has_alpha, c10::optional<double> alpha) {
+  if (!alpha.has_value()) return;
+  if (!has_alpha) fail(Error::alpha_map, {{"map", map}});
+  if (!(std::isfinite(*alpha) && *alpha >= 1)) fail(Error::alpha_value, {{"value", py_float(*alpha)}});
 }
 
 void fail_unknown_map(c10::string_view map, const std::string& known) {

@@ -5,6 +5,7 @@
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
 
 #include <string>
 
@@ -39,6 +40,10 @@ void check_grouped_backward_args(
     at::TensorList inputs,
     bool weights_requires_grad,
     const c10::List<bool>& inputs_requires_grad);
+
+// alpha of a call of map `map`: none for a map without the parameter, else
+// none (the default) or a finite number >= 1.
+void check_alpha(const char* map, bool has_alpha, c10::optional<double> alpha);
 
 // Raises the table's `unknown_map` error.
 [[noreturn]] void fail_unknown_map(c10::string_view map, const std::string& known);

@@ -13,12 +13,9 @@
 #include <tuple>
 #include <vector>
 
-namespace simplex_param {
+#include "dtypes.h"
 
-// Accumulation dtype: float64 for float64 inputs, float32 otherwise.
-inline at::ScalarType acc_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+namespace simplex_param {
 
 struct Contraction {
   int64_t K = 0;

@@ -1,106 +1,152 @@
-// The map registry, and the ops that compose a map with the contraction:
-// simplex_weighted_sum (any map) and softmax_weighted_sum (the softmax).
+// The map registry, kMaps: one entry per map (its Python half, the
+// reference forwards and the inverses, is simplex_param/maps.py).
 //
-// To add a map: write its forward and vjp below, add one line to kMaps, add
-// its twin to MAPS in simplex_param/reference.py (the fallback and the test
-// oracle), and add it to the map tests (tests/test_maps.py). Nothing else
-// changes: the kernels know only the contraction, and autograd.cpp calls the
-// map through this registry.
+// To add a map: write its forward and vjp below and add one line to kMaps;
+// add its entry to MAPS in simplex_param/maps.py, an oracle to
+// tests/test_maps.py and a row to docs/maps.md. Nothing else changes: the
+// ops (simplex_ops.cpp), autograd (autograd.cpp) and the kernels know maps
+// only through this registry.
+//
+// The forwards follow the entmax package's order of arithmetic (the row
+// maximum subtracted first), so that their values are its own, bit for bit.
 #include "maps.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
+#include <torch/autograd.h>
 
+#include <cmath>
+#include <limits>
 #include <string>
-#include <utility>
 
 #include "checks.h"
-#include "contraction.h"
 
 namespace simplex_param {
 namespace {
 
+at::Tensor scaled(const at::Tensor& z, const MapArgs& a) {
+  return a.temperature == 1.0 ? z : z / a.temperature;
+}
+
+at::Tensor max_subtracted(const at::Tensor& x) {
+  return x - std::get<0>(x.max(-1, /*keepdim=*/true));
+}
+
+// 1, 2, ..., n in x's dtype: the ranks of a sorted row.
+at::Tensor ranks(const at::Tensor& x) {
+  return at::arange(1, x.size(-1) + 1, x.options());
+}
+
 // softmax(z / T). The division is skipped at T = 1, where it changes nothing.
-at::Tensor softmax_forward(const at::Tensor& z, double temperature) {
-  return at::_softmax(temperature == 1.0 ? z : z / temperature, -1, false);
+at::Tensor softmax_forward(const at::Tensor& z, const MapArgs& a) {
+  return at::_softmax(scaled(z, a), -1, false);
 }
 
 // dL/dz = w * (g - <w, g>) / T, in one fused op.
-at::Tensor softmax_vjp(const at::Tensor& w, const at::Tensor& grad_w, double temperature) {
-  const at::Tensor g = at::_softmax_backward_data(grad_w, w, -1, w.scalar_type());
-  return temperature == 1.0 ? g : g / temperature;
+at::Tensor softmax_vjp(const at::Tensor& w, const at::Tensor& grad_w, const MapArgs& a) {
+  return scaled(at::_softmax_backward_data(grad_w, w, -1, w.scalar_type()), a);
 }
 
 // z / T, the weights as given at T = 1.
-at::Tensor identity_forward(const at::Tensor& z, double temperature) {
-  return temperature == 1.0 ? z : z / temperature;
+at::Tensor identity_forward(const at::Tensor& z, const MapArgs& a) {
+  return scaled(z, a);
 }
 
-at::Tensor identity_vjp(const at::Tensor&, const at::Tensor& grad_w, double temperature) {
-  return temperature == 1.0 ? grad_w : grad_w / temperature;
+at::Tensor identity_vjp(const at::Tensor&, const at::Tensor& grad_w, const MapArgs& a) {
+  return scaled(grad_w, a);
 }
 
-// The number of leading entries of the descending sort `zs` (last dimension)
-// where `in_support` holds: the support's size, at least 1 (a row of all
-// -inf or NaN then gives NaN, as the softmax does).
-at::Tensor support_size(const at::Tensor& in_support) {
-  return in_support.sum(-1, /*keepdim=*/true).clamp_min(1);
+// The sparse maps' Jacobian is diag(s) - s s^T / sum(s), with s = w^(2 - alpha)
+// on the support w > 0 and 0 off it: its product with g, divided by T.
+at::Tensor family_vjp(const at::Tensor& s, const at::Tensor& grad_w, const MapArgs& a) {
+  const at::Tensor sg = s * grad_w;
+  return scaled(sg - s * (sg.sum(-1, true) / s.sum(-1, true)), a);
 }
 
-// sparsemax(z / T) (Martins & Astudillo, 2016): the Euclidean projection of
-// z / T onto the simplex, max(z / T - tau, 0), with tau from the sorted row.
-at::Tensor sparsemax_forward(const at::Tensor& z, double temperature) {
-  const at::Tensor x = temperature == 1.0 ? z : z / temperature;
+// w^e on the support, 0 off it; the power is taken on the support only, so
+// that its derivative stays finite at the zeros (double backward).
+at::Tensor support_power(const at::Tensor& w, double e) {
+  const at::Tensor on = w > 0;
+  return at::where(on, at::where(on, w, at::ones_like(w)).pow(e), at::zeros_like(w));
+}
+
+// sparsemax(z / T) (Martins & Astudillo, 2016): the Euclidean projection onto
+// the simplex, max(x - tau, 0), with tau from the sorted row.
+at::Tensor sparsemax_forward(const at::Tensor& z, const MapArgs& a) {
+  const at::Tensor x = max_subtracted(scaled(z, a));
   const at::Tensor xs = std::get<0>(x.sort(-1, /*descending=*/true));
-  const at::Tensor k = at::arange(1, x.size(-1) + 1, x.options());
-  const at::Tensor cumsum = xs.cumsum(-1);
-  const at::Tensor size = support_size(1 + k * xs > cumsum);
-  const at::Tensor tau = (cumsum.gather(-1, size - 1) - 1) / size.to(x.scalar_type());
+  const at::Tensor cumsum = xs.cumsum(-1) - 1;
+  const at::Tensor size = (ranks(x) * xs > cumsum).sum(-1, true).clamp_min(1);
+  const at::Tensor tau = cumsum.gather(-1, size - 1) / size.to(x.scalar_type());
   return (x - tau).clamp_min(0);
 }
 
-// On the support S: g - mean over S of g; 0 off it. Divided by T.
-at::Tensor sparsemax_vjp(const at::Tensor& w, const at::Tensor& grad_w, double temperature) {
-  const at::Tensor s = (w > 0).to(grad_w.scalar_type());
-  const at::Tensor mean = (grad_w * s).sum(-1, true) / s.sum(-1, true);
-  const at::Tensor g = s * (grad_w - mean);
-  return temperature == 1.0 ? g : g / temperature;
+at::Tensor sparsemax_vjp(const at::Tensor& w, const at::Tensor& grad_w, const MapArgs& a) {
+  return family_vjp((w > 0).to(grad_w.scalar_type()), grad_w, a);
 }
 
 // 1.5-entmax(z / T) (Peters, Niculae & Martins, 2019): max(x / 2 - tau, 0)^2
-// with tau such that the row sums to 1, exactly, from the sorted row (the
-// algorithm of the entmax package).
-at::Tensor entmax15_forward(const at::Tensor& z, double temperature) {
-  at::Tensor x = (temperature == 1.0 ? z : z / temperature) / 2;
-  x = x - std::get<0>(x.max(-1, /*keepdim=*/true));
+// with tau, exact, from the sorted row.
+at::Tensor entmax15_forward(const at::Tensor& z, const MapArgs& a) {
+  const at::Tensor x = max_subtracted(scaled(z, a)) / 2;
   const at::Tensor xs = std::get<0>(x.sort(-1, /*descending=*/true));
-  const at::Tensor rho = at::arange(1, x.size(-1) + 1, x.options());
+  const at::Tensor rho = ranks(x);
   const at::Tensor mean = xs.cumsum(-1) / rho;
-  const at::Tensor mean_sq = (xs * xs).cumsum(-1) / rho;
-  const at::Tensor delta = (1 - rho * (mean_sq - mean * mean)) / rho;
+  const at::Tensor mean_sq = xs.pow(2).cumsum(-1) / rho;
+  const at::Tensor delta = (1 - rho * (mean_sq - mean.pow(2))) / rho;
   const at::Tensor tau = mean - delta.clamp_min(0).sqrt();
-  const at::Tensor size = support_size(tau <= xs);
-  const at::Tensor y = (x - tau.gather(-1, size - 1)).clamp_min(0);
-  return y * y;
+  const at::Tensor size = (tau <= xs).sum(-1, true).clamp_min(1);
+  return (x - tau.gather(-1, size - 1)).clamp_min(0).pow(2);
 }
 
-// With r = sqrt(w) (the support's x / 2 - tau): r * g - r * <r, g> / sum(r).
-// sqrt is taken on the support only, so that the product stays differentiable
-// at the zeros (double backward).
-at::Tensor entmax15_vjp(const at::Tensor& w, const at::Tensor& grad_w, double temperature) {
-  const at::Tensor on = w > 0;
-  const at::Tensor r = at::where(on, at::where(on, w, at::ones_like(w)).sqrt(), at::zeros_like(w));
-  const at::Tensor rg = r * grad_w;
-  const at::Tensor g = rg - r * (rg.sum(-1, true) / r.sum(-1, true));
-  return temperature == 1.0 ? g : g / temperature;
+at::Tensor entmax15_vjp(const at::Tensor& w, const at::Tensor& grad_w, const MapArgs& a) {
+  return family_vjp(support_power(w, 0.5), grad_w, a);
+}
+
+// Bisection steps of entmax_bisect (simplex_param/maps.py: BISECT_ITERS).
+constexpr int kBisectIters = 50;
+
+// The softmax stands for alpha-entmax within sqrt(eps) of alpha = 1.
+bool softmax_alpha(double alpha) {
+  return std::abs(alpha - 1) < std::sqrt(std::numeric_limits<double>::epsilon());
+}
+
+// alpha-entmax(z / T): max((alpha - 1) x - tau, 0)^(1 / (alpha - 1)) summing
+// to one, tau by bisection in float64 on the exact bracket [-1, -(1/K)^(alpha - 1)]
+// (the row maximum at 0), then normalised; the softmax at alpha = 1.
+at::Tensor entmax_bisect_forward(const at::Tensor& z, const MapArgs& a) {
+  // No aten::to where the dtype matches: below autograd, opcheck flags an op
+  // that returns its input.
+  const at::Tensor x = z.scalar_type() == at::kDouble ? scaled(z, a) : scaled(z, a).to(at::kDouble);
+  if (softmax_alpha(a.alpha)) {
+    const at::Tensor w = at::_softmax(x, -1, false);
+    return z.scalar_type() == at::kDouble ? w : w.to(z.scalar_type());
+  }
+  const double am1 = a.alpha - 1;
+  const at::Tensor X = max_subtracted(x * am1);
+  at::Tensor lo = at::full_like(X.narrow(-1, 0, 1), -1.0);
+  at::Tensor width = at::full_like(lo, 1 - std::pow(1.0 / X.size(-1), am1));
+  at::Tensor p;
+  for (int i = 0; i < kBisectIters; ++i) {
+    width = width / 2;
+    const at::Tensor mid = lo + width;
+    p = (X - mid).clamp_min(0).pow(1 / am1);
+    lo = at::where(p.sum(-1, true) >= 1, mid, lo);
+  }
+  p = p / p.sum(-1, true);
+  return z.scalar_type() == at::kDouble ? p : p.to(z.scalar_type());
+}
+
+at::Tensor entmax_bisect_vjp(const at::Tensor& w, const at::Tensor& grad_w, const MapArgs& a) {
+  return family_vjp(support_power(w, 2 - a.alpha), grad_w, a);
 }
 
 constexpr SimplexMap kMaps[] = {
-    {"softmax", softmax_forward, softmax_vjp, true},
-    {"identity", identity_forward, identity_vjp, false},
-    {"sparsemax", sparsemax_forward, sparsemax_vjp, true},
-    {"entmax15", entmax15_forward, entmax15_vjp, true},
+    // name, forward, vjp, ignores_zero_weights, has_alpha
+    {"softmax", softmax_forward, softmax_vjp, true, false},
+    {"identity", identity_forward, identity_vjp, false, false},
+    {"sparsemax", sparsemax_forward, sparsemax_vjp, true, false},
+    {"entmax15", entmax15_forward, entmax15_vjp, true, false},
+    {"entmax_bisect", entmax_bisect_forward, entmax_bisect_vjp, true, true},
 };
 
 std::string map_names() {
@@ -109,28 +155,28 @@ std::string map_names() {
   return names;
 }
 
-at::Tensor simplex_weighted_sum(
-    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
-  return mapped_weighted_sum(logits, inputs, map, temperature).second;
-}
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
-at::Tensor softmax_weighted_sum(const at::Tensor& logits, at::TensorList inputs, double temperature) {
-  return call_simplex_weighted_sum(logits, inputs, "softmax", temperature);
-}
-
-// The map of the (G, K) logits, then the grouped contraction. The map is
-// taken in float64 when a group is float64, else in float32.
-std::vector<at::Tensor> grouped_simplex_weighted_sum(
-    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
-  check_grouped_args(logits, inputs, "logits");
-  const SimplexMap& m = find_map(map);
-  check_temperature(temperature);
-  at::ScalarType acc = at::kFloat;
-  for (const at::Tensor& x : inputs) {
-    if (x.scalar_type() == at::kDouble) acc = at::kDouble;
+class MapFunction : public torch::autograd::Function<MapFunction> {
+ public:
+  static at::Tensor forward(
+      AutogradContext* ctx, const at::Tensor& z, int64_t index, double temperature, double alpha) {
+    const MapArgs args{temperature, alpha};
+    at::Tensor w = kMaps[index].forward(z, args);
+    ctx->save_for_backward({w});
+    ctx->saved_data["index"] = index;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["alpha"] = alpha;
+    return w;
   }
-  return call_grouped_weighted_sum(m.forward(logits.to(acc), temperature), inputs);
-}
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const SimplexMap& m = kMaps[ctx->saved_data["index"].toInt()];
+    const MapArgs args{ctx->saved_data["temperature"].toDouble(), ctx->saved_data["alpha"].toDouble()};
+    return {m.vjp(ctx->get_saved_variables()[0], grads[0], args), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
 
 } // namespace
 
@@ -141,44 +187,14 @@ const SimplexMap& find_map(c10::string_view name) {
   fail_unknown_map(name, map_names());
 }
 
-std::pair<at::Tensor, at::Tensor> mapped_weighted_sum(
-    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
-  check_args(logits, inputs, "logits");
-  const SimplexMap& m = find_map(map);
+MapArgs map_args(const SimplexMap& map, double temperature, c10::optional<double> alpha) {
   check_temperature(temperature);
-  const at::ScalarType acc = acc_type(inputs[0].scalar_type());
-  // No aten::to dispatch when the dtype already matches: below autograd,
-  // opcheck's schema check flags that op for returning its own input.
-  at::Tensor w = m.forward(logits.scalar_type() == acc ? logits : logits.to(acc), temperature);
-  at::Tensor out = call_weighted_sum(w, inputs);
-  return {std::move(w), std::move(out)};
+  check_alpha(map.name, map.has_alpha, alpha);
+  return MapArgs{temperature, alpha.value_or(MapArgs{}.alpha)};
 }
 
-at::Tensor call_simplex_weighted_sum(
-    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("simplex_param::simplex_weighted_sum", "")
-      .typed<at::Tensor(const at::Tensor&, at::TensorList, c10::string_view, double)>();
-  return op.call(logits, inputs, map, temperature);
-}
-
-std::vector<at::Tensor> call_grouped_simplex_weighted_sum(
-    const at::Tensor& logits, at::TensorList inputs, c10::string_view map, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("simplex_param::grouped_simplex_weighted_sum", "")
-      .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, c10::string_view, double)>();
-  return op.call(logits, inputs, map, temperature);
-}
-
-// Without autograd (inference mode, or below the Autograd kernel of
-// autograd.cpp), on every backend.
-TORCH_LIBRARY_IMPL(simplex_param, CompositeExplicitAutograd, m) {
-  m.impl("simplex_weighted_sum", &simplex_weighted_sum);
-}
-
-TORCH_LIBRARY_IMPL(simplex_param, CompositeImplicitAutograd, m) {
-  m.impl("softmax_weighted_sum", &softmax_weighted_sum);
-  m.impl("grouped_simplex_weighted_sum", &grouped_simplex_weighted_sum);
+at::Tensor map_with_graph(const SimplexMap& map, const at::Tensor& z, const MapArgs& args) {
+  return MapFunction::apply(z, static_cast<int64_t>(&map - kMaps), args.temperature, args.alpha);
 }
 
 } // namespace simplex_param

@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "contraction.h"
-#include "cpu/tiles.h"
-#include "maps.h"
+#include "cpu/capability.h"
+#include "simplex_ops.h"
 
 namespace {
 
@@ -22,8 +22,9 @@ at::Tensor weighted_sum(const at::Tensor& weights, const std::vector<at::Tensor>
 }
 
 at::Tensor simplex_weighted_sum(
-    const at::Tensor& logits, const std::vector<at::Tensor>& inputs, const std::string& map, double temperature) {
-  return simplex_param::call_simplex_weighted_sum(logits, inputs, map, temperature);
+    const at::Tensor& logits, const std::vector<at::Tensor>& inputs, const std::string& map, double temperature,
+    c10::optional<double> alpha) {
+  return simplex_param::call_simplex_weighted_sum(logits, inputs, map, temperature, alpha);
 }
 
 std::vector<at::Tensor> grouped_weighted_sum(const at::Tensor& weights, const std::vector<at::Tensor>& inputs) {
@@ -31,8 +32,9 @@ std::vector<at::Tensor> grouped_weighted_sum(const at::Tensor& weights, const st
 }
 
 std::vector<at::Tensor> grouped_simplex_weighted_sum(
-    const at::Tensor& logits, const std::vector<at::Tensor>& inputs, const std::string& map, double temperature) {
-  return simplex_param::call_grouped_simplex_weighted_sum(logits, inputs, map, temperature);
+    const at::Tensor& logits, const std::vector<at::Tensor>& inputs, const std::string& map, double temperature,
+    c10::optional<double> alpha) {
+  return simplex_param::call_grouped_simplex_weighted_sum(logits, inputs, map, temperature, alpha);
 }
 
 } // namespace

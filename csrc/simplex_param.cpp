@@ -4,9 +4,9 @@
 //                           kernels per backend (cpu/, cuda/), autograd in
 //                           autograd.cpp
 //   simplex_weighted_sum    a weight map over the last dimension of the
-//                           logits (softmax, identity: the registry in
-//                           maps.cpp) composed with the contraction;
-//                           autograd in autograd.cpp
+//                           logits (the registry in maps.cpp) composed with
+//                           the contraction (simplex_ops.cpp); autograd in
+//                           autograd.cpp
 //   softmax_weighted_sum    simplex_weighted_sum with the softmax map
 //   grouped_weighted_sum    G contractions in one call, group g with its own
 //                           weight row and its own shape and dtype
@@ -23,15 +23,16 @@ TORCH_LIBRARY(simplex_param, m) {
   // `inputs_requires_grad` per input; gradients not asked for are empty.
   // With `skip_zero_weights`, the weights' gradient is 0 where a weight is
   // 0, without reading that input: for the maps whose vector-Jacobian
-  // product ignores it there (softmax, sparsemax, entmax15).
+  // product ignores it there (SimplexMap::ignores_zero_weights).
   m.def(
       "_weighted_sum_backward(Tensor grad, Tensor weights, Tensor[] inputs, "
       "bool weights_requires_grad, bool[] inputs_requires_grad, bool skip_zero_weights=False) "
       "-> (Tensor, Tensor[])");
-  // sum_k map(logits / temperature)[..., k] * x_k, for a map of maps.cpp.
+  // sum_k map(logits / temperature)[..., k] * x_k, for a map of maps.cpp;
+  // alpha is the map's parameter, for a map that has one (entmax_bisect).
   m.def(
       "simplex_weighted_sum(Tensor logits, Tensor[] inputs, str map=\"softmax\", "
-      "float temperature=1.0) -> Tensor");
+      "float temperature=1.0, float? alpha=None) -> Tensor");
   m.def("softmax_weighted_sum(Tensor logits, Tensor[] inputs, float temperature=1.0) -> Tensor");
   // weights (G, K); inputs flattened group by group, inputs[g * K + k] being
   // input k of group g. One output per group.
@@ -44,5 +45,5 @@ TORCH_LIBRARY(simplex_param, m) {
       "bool weights_requires_grad, bool[] inputs_requires_grad) -> (Tensor, Tensor[])");
   m.def(
       "grouped_simplex_weighted_sum(Tensor logits, Tensor[] inputs, str map=\"softmax\", "
-      "float temperature=1.0) -> Tensor[]");
+      "float temperature=1.0, float? alpha=None) -> Tensor[]");
 }

@@ -4,7 +4,7 @@ A ``Simplex`` parametrization for any module parameter, a fused
 softmax-and-weighted-sum operator (C++/CUDA kernels registered with
 ``torch.library``, with a pure-PyTorch fallback), and fusion layers built on it.
 """
-from ._ext import extension_loaded
+from ._ext import cpu_capability, extension_loaded
 from ._version import __version__
 from .ops import (
     grouped_simplex_weighted_sum,
@@ -14,11 +14,12 @@ from .ops import (
     softmax_weighted_sum,
     weighted_sum,
 )
-from .parametrization import Simplex, combine, simplex
+from . import maps
+from .parametrization import Simplex, combine, set_temperature, simplex
 from .layers import LazySimplexFusion, ScalarMix, SimplexFusion, WeightedLayerSum
 from .gumbel import gumbel_softmax
 from .soup import LearnedSoup
-from .search import MixedOp, architecture_parameters, set_temperature, split_parameters
+from .search import MixedOp, architecture_parameters, split_parameters
 from .diagnostics import entropy, summary, zero_one_loss
 from .weightlog import WeightLogger
 
@@ -27,6 +28,7 @@ __all__ = [
     "combine",
     "simplex",
     "extension_loaded",
+    "cpu_capability",
     "simplex_weighted_sum",
     "softmax_weighted_sum",
     "weighted_sum",

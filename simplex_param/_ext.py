@@ -131,3 +131,11 @@ def extension_loaded() -> bool:
     When they are not, ``simplex_param._ext.LOAD_ERROR`` says why.
     """
     return LOADED_FROM is not None
+
+
+def cpu_capability():
+    """The instruction set the compiled CPU kernels run on (``"default"``,
+    ``"avx2"``, ``"avx512"`` or ``"avx512_bf16"``; see
+    ``SIMPLEX_PARAM_CPU_CAPABILITY``), or None when the extension is not
+    loaded."""
+    return MODULE.cpu_capability() if MODULE is not None else None

@@ -2,7 +2,7 @@
 
 The exception types and texts come from ``errors.def``, the table the
 compiled ops use too (``csrc/checks.cpp``), so both paths raise the same
-errors; tests/test_errors.py holds them to it.
+errors; tests/test_ops.py holds them to it.
 """
 import math
 import numbers
@@ -172,6 +172,25 @@ def check_grouped_backward_args(grads, weights, inputs, weights_requires_grad, i
         check_grouped_args(weights, inputs, "weights")
         for g, grad in enumerate(grads):
             _check_grad(grad, inputs[g * K:(g + 1) * K], f"grads[{g}]", f"groups[{g}]")
+
+
+def check_alpha(alpha, map: str, has_alpha: bool):
+    """`alpha` of a call of map `map`: None; else only for a map with the
+    parameter, a number >= 1 (returned as a float) or a floating tensor
+    (returned as is; its values are the map's to check)."""
+    if alpha is None:
+        return None
+    if not has_alpha:
+        raise error("alpha_map", map=map)
+    if isinstance(alpha, Tensor):
+        if not alpha.dtype.is_floating_point:
+            raise TypeError(f"alpha must be a float or a floating tensor, got a tensor of {alpha.dtype}")
+        return alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a float or a floating tensor, got {type(alpha).__name__}")
+    if not (math.isfinite(alpha) and alpha >= 1):
+        raise error("alpha_value", value=float(alpha))
+    return float(alpha)
 
 
 def check_map(name, known) -> str:

@@ -25,7 +25,7 @@ from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
 from . import checks, ops
-from .parametrization import Simplex, _check_map
+from .parametrization import Simplex, check_simplex_map
 
 __all__ = ["SimplexFusion", "LazySimplexFusion", "ScalarMix", "WeightedLayerSum"]
 
@@ -49,7 +49,7 @@ def _check_probability(p) -> float:
 def _num_entries(inputs) -> int:
     """K of a list/tuple of inputs (``None`` entries included) or of a tensor of shape (K, ...)."""
     if isinstance(inputs, Tensor):
-        return ops._num_stacked(inputs)
+        return ops.num_stacked(inputs)
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
         raise TypeError(f"inputs must be a list or tuple of tensors, or one tensor, got {type(inputs).__name__}")
     return len(inputs)
@@ -78,9 +78,8 @@ class SimplexFusion(nn.Module):
         y = \sum_{k=1}^{K} w_k x_k \;(+\, b), \qquad
         w = \mathrm{map}(z / T)
 
-    with the map ``"softmax"`` (the default), or ``"sparsemax"`` or
-    ``"entmax15"``, which give exact zeros (see
-    :func:`simplex_param.simplex_weighted_sum`).
+    with the map ``"softmax"`` (the default), or a sparse one, which gives
+    exact zeros (see :func:`simplex_param.simplex_weighted_sum`).
 
     The pre-weights :math:`z` are the parameter
     ``parametrizations.weight.original`` (shape ``(K,)``, zeros at first: uniform
@@ -119,7 +118,10 @@ class SimplexFusion(nn.Module):
             finite. Default: ``1.0``.
         weight_dropout (float, optional): probability of dropping each input
             in training, in ``[0, 1]``. Default: ``0.0``.
-        map (str, optional): ``"softmax"``, ``"sparsemax"`` or ``"entmax15"``.
+        map (str, optional): a map onto the simplex (see :class:`~simplex_param.Simplex`).
+            Default: ``"softmax"``.
+        alpha, learn_alpha: the map's alpha, fixed or learned (see
+            :class:`~simplex_param.Simplex`).
             Default: ``"softmax"``.
         device, dtype: of the parameters, as in other ``torch.nn`` layers.
             The inputs may have another floating dtype (float32 weights with
@@ -149,6 +151,9 @@ class SimplexFusion(nn.Module):
         tensor([0.7500, 0.7500], grad_fn=<...>)
     """
 
+    # set_temperature sets this module's temperature.
+    anneals_temperature = True
+
     def __init__(
         self,
         num_inputs: Optional[int] = None,
@@ -158,6 +163,8 @@ class SimplexFusion(nn.Module):
         temperature: float = 1.0,
         weight_dropout: float = 0.0,
         map: str = "softmax",
+        alpha: Optional[float] = None,
+        learn_alpha: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -168,7 +175,10 @@ class SimplexFusion(nn.Module):
             num_inputs = len(self.names)
         self.temperature = checks.check_float_temperature(temperature)
         self.weight_dropout = _check_probability(weight_dropout)
-        self.map = _check_map(map)
+        self.map = check_simplex_map(map)
+        # Checked now by the Simplex of the weight, even when it comes later (lazy).
+        self._map_options = {"alpha": alpha, "learn_alpha": learn_alpha}
+        Simplex(map=self.map, **self._map_options)
         if bias:
             self.bias = nn.Parameter(torch.zeros((), **factory))
         else:
@@ -181,7 +191,8 @@ class SimplexFusion(nn.Module):
         self._parametrize_weight()
 
     def _parametrize_weight(self) -> None:
-        parametrize.register_parametrization(self, "weight", Simplex(temperature=self.temperature, map=self.map))
+        parametrize.register_parametrization(
+            self, "weight", Simplex(temperature=self.temperature, map=self.map, **self._map_options))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -213,7 +224,8 @@ class SimplexFusion(nn.Module):
                 inputs = [inputs[k] for k in present]
         if self.training and self.weight_dropout > 0 and logits.shape[0] > 1:
             logits = _drop_logits(logits, self.weight_dropout)
-        out = ops.simplex_weighted_sum(logits, inputs, map=self.map, temperature=self.temperature)
+        out = ops.simplex_weighted_sum(logits, inputs, map=self.map, temperature=self.temperature,
+                                       alpha=self.parametrizations.weight[0].alpha)
         if self.bias is not None:
             out = out + self.bias
         return out
@@ -288,12 +300,14 @@ class LazySimplexFusion(LazyModuleMixin, SimplexFusion):
         temperature: float = 1.0,
         weight_dropout: float = 0.0,
         map: str = "softmax",
+        alpha: Optional[float] = None,
+        learn_alpha: bool = False,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__(
-            None, bias=bias, temperature=temperature, weight_dropout=weight_dropout, map=map, device=device,
-            dtype=dtype,
+            None, bias=bias, temperature=temperature, weight_dropout=weight_dropout, map=map, alpha=alpha,
+            learn_alpha=learn_alpha, device=device, dtype=dtype,
         )
         self.register_load_state_dict_pre_hook(LazySimplexFusion._materialize_from_state_dict)
 
@@ -459,7 +473,7 @@ class ScalarMix(nn.Module):
         return torch.softmax(torch.cat(list(self.scalar_parameters)), 0)
 
     def forward(self, tensors, mask: Optional[Tensor] = None) -> Tensor:
-        tensors = ops._as_list(tensors)
+        tensors = ops.as_list(tensors)
         if len(tensors) != self.mixture_size:
             raise ValueError(f"tensors has {len(tensors)} tensors but mixture_size is {self.mixture_size}")
         dtype = tensors[0].dtype
@@ -670,7 +684,7 @@ class WeightedLayerSum(nn.Module):
         return f"num_layers={self.num_layers}, layer_norm={self.layer_norm!r}, formula={self.formula!r}"
 
     def forward(self, layers) -> Tensor:
-        layers = ops._as_list(layers)
+        layers = ops.as_list(layers)
         if len(layers) != self.num_layers:
             raise ValueError(f"layers has {len(layers)} tensors but num_layers is {self.num_layers}")
         z, norm = self.layer_weights, self.layer_norm is not None

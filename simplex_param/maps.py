@@ -111,27 +111,35 @@ def _entmax_bisect(x: Tensor, alpha: Alpha = None, n_iter: int = BISECT_ITERS) -
     of at least 1 and tau = -(1/K) ** (alpha - 1) at most 1. The result is
     normalised, so the rows sum to one to rounding. The threshold is found
     in float64 whatever the dtype: alpha = 10 or logits of 1000 randn stay
-    finite and sum to one in float32."""
-    a = _alpha_tensor(alpha, x).to(torch.float64)
+    finite and sum to one in float32. A float alpha takes the arithmetic of
+    the compiled map (csrc/maps.cpp), a tensor alpha its elementwise twin."""
     z = x.to(torch.float64)
-    am1 = a - 1
-    # The softmax, the limit at alpha = 1, also within sqrt(eps) of it: there
-    # the power 1 / (alpha - 1) loses more than the limit's O(alpha - 1).
-    soft = am1.abs() < torch.finfo(torch.float64).eps ** 0.5
-    am1 = torch.where(soft, torch.ones_like(am1), am1)
+    # The softmax, the limit at alpha = 1, stands for the map within sqrt(eps)
+    # of it, where the power 1 / (alpha - 1) loses more than the limit's O(alpha - 1).
+    near_one = torch.finfo(torch.float64).eps ** 0.5
+    if isinstance(alpha, Tensor):
+        am1 = alpha.to(torch.float64) - 1
+        soft = am1.abs() < near_one
+        am1 = torch.where(soft, 1.0, am1)
+        width = 1 - (1.0 / x.shape[-1]) ** am1
+    else:
+        am1 = (DEFAULT_ALPHA if alpha is None else alpha) - 1
+        if abs(am1) < near_one:
+            return torch.softmax(z, -1).to(x.dtype)
+        width = 1 - (1.0 / x.shape[-1]) ** am1
     X = z * am1
     X = X - X.max(-1, keepdim=True).values
     lo = torch.full_like(X[..., :1], -1.0)
-    width = 1 - (1.0 / x.shape[-1]) ** am1 + torch.zeros_like(lo)  # hi - lo
-    p = None
+    width = torch.zeros_like(lo) + width  # hi - lo
+    p = (X - lo).clamp_min(0) ** (1 / am1)
     for _ in range(n_iter):
         width = width / 2
         mid = lo + width
         p = (X - mid).clamp_min(0) ** (1 / am1)
         lo = torch.where(p.sum(-1, keepdim=True) >= 1, mid, lo)
-    if p is None:
-        p = (X - lo).clamp_min(0) ** (1 / am1)
-    p = torch.where(soft, torch.softmax(z, -1), p / p.sum(-1, keepdim=True))
+    p = p / p.sum(-1, keepdim=True)
+    if isinstance(alpha, Tensor):
+        p = torch.where(soft, torch.softmax(z, -1), p)
     return p.to(x.dtype)
 
 
@@ -245,6 +253,12 @@ class _SparseMap(torch.autograd.Function):
             da = _sum_to((g * _dw_dalpha(w, alpha_t)).sum(-1, keepdim=True), alpha_t.shape)
         return dx, da, None
 
+
+
+class _SparseMapJvp(_SparseMap):
+    """With forward mode (jvp), which torch.compile cannot trace: used
+    everywhere but under torch.compile."""
+
     @staticmethod
     def jvp(ctx, x_t, alpha_t, _):
         # The Jacobian is symmetric: its product with a tangent is the vjp's.
@@ -256,23 +270,12 @@ class _SparseMap(torch.autograd.Function):
         return out
 
 
-def check_alpha(alpha, entry: Map):
-    """`alpha` for map `entry`: None, a float >= 1, or a floating tensor; a map
-    without a parameter takes None only."""
-    if alpha is None:
-        return None
-    if not entry.has_alpha:
-        raise ValueError(f"alpha is a parameter of map 'entmax_bisect' only; map '{entry.name}' takes none")
-    if isinstance(alpha, Tensor):
-        if not alpha.dtype.is_floating_point:
-            raise TypeError(f"alpha must be a float or a floating tensor, got a tensor of {alpha.dtype}")
-        return alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float or a floating tensor, got {type(alpha).__name__}")
-    alpha = float(alpha)
-    if not 1.0 <= alpha < float("inf"):
-        raise ValueError(f"alpha must be a finite number >= 1, got {alpha}")
-    return alpha
+def _can_read(t: Tensor) -> bool:
+    """Whether reading `t`'s values costs no device synchronisation and breaks
+    no trace: a plain CPU tensor, outside torch.compile and torch.func. A
+    CUDA alpha is not checked (a value below 1 gives NaN weights there)."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
 
 
 def get(name) -> Map:
@@ -285,18 +288,23 @@ def apply(name: str, x: Tensor, alpha: Alpha = None, dim: int = -1) -> Tensor:
     temperature), with their closed-form gradients. A tensor `alpha` is
     broadcast against `x` with size 1 along `dim`, and gets a gradient."""
     entry = get(name)
-    alpha = check_alpha(alpha, entry)
+    alpha = checks.check_alpha(alpha, name, entry.has_alpha)
+    if name == "softmax":  # along dim directly: torch's own kernel and autograd node
+        return torch.softmax(x, dim)
     moved = dim not in (-1, x.dim() - 1)
     if moved:
         x = x.movedim(dim, -1)
         if isinstance(alpha, Tensor) and alpha.dim() > 0:
             alpha = alpha.movedim(dim, -1)
-    if isinstance(alpha, Tensor) and alpha.dim() > 0 and alpha.shape[-1] != 1:
-        raise ValueError(f"alpha must have size 1 along dim, got shape {list(alpha.shape)}")
+    if isinstance(alpha, Tensor):
+        if alpha.dim() > 0 and alpha.shape[-1] != 1:
+            raise ValueError(f"alpha must have size 1 along dim, got shape {list(alpha.shape)}")
+        if _can_read(alpha) and not bool((alpha >= 1).all()):  # NaN too
+            raise checks.error("alpha_value", value=float(alpha[~(alpha >= 1)].flatten()[0]))
     if entry.curvature is None:
         w = entry.forward(x, alpha)
     else:
-        w = _SparseMap.apply(x, alpha, entry)
+        w = (_SparseMap if torch.compiler.is_compiling() else _SparseMapJvp).apply(x, alpha, entry)
     return w.movedim(-1, dim) if moved else w
 
 

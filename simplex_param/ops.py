@@ -1,11 +1,11 @@
-r"""The public ops, the choice of compiled kernel or fallback, and the fake
-kernels of the compiled ops.
+r"""The public ops, and the choice of compiled kernel or fallback.
 
-Which implementation runs is chosen here, per call: the compiled op when the
-extension is loaded and has a kernel for the inputs' device, else the
-pure-PyTorch reference (:mod:`simplex_param.reference`). Autograd of the
-compiled ops lives in C++ (``csrc/autograd.cpp``); their fake kernels, for
-``torch.compile``, are registered here.
+Which implementation runs is chosen here, per call, in one place
+(:func:`_run`): the compiled op when the extension is loaded and has a kernel
+for the inputs' device, else the pure-PyTorch reference
+(:mod:`simplex_param.reference`). Autograd of the compiled ops lives in C++
+(``csrc/autograd.cpp``); their fake kernels, for ``torch.compile``, in
+:mod:`simplex_param.fakes`.
 """
 import itertools
 import math
@@ -15,7 +15,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from . import _ext, checks, reference
+from . import _ext, checks, fakes, maps, reference
 
 __all__ = [
     "simplex_weighted_sum",
@@ -38,19 +38,19 @@ OPS = (
 )
 
 
-def _num_stacked(inputs: Tensor) -> int:
+def num_stacked(inputs: Tensor) -> int:
     """K of inputs given as one (K, ...) tensor."""
     if inputs.dim() == 0:
         raise ValueError("inputs given as a single tensor must have a first dimension K, got a 0-D tensor")
     return inputs.shape[0]
 
 
-def _as_list(inputs) -> list:
+def as_list(inputs) -> list:
     """`inputs` as a list or tuple of tensors: a tensor is split (as views)
     along dim 0; any other iterable, a generator included, is read once."""
     if type(inputs) not in (list, tuple):
         if isinstance(inputs, Tensor):
-            _num_stacked(inputs)
+            num_stacked(inputs)
             return inputs.unbind(0)
         if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
             raise TypeError(f"inputs must be an iterable of tensors, or one tensor, got {type(inputs).__name__}")
@@ -85,11 +85,25 @@ def _fast_call(weights: Tensor, inputs) -> bool:
     )
 
 
-def _mapped_weighted_sum(logits, inputs, map: str, temperature) -> Tensor:
+def _run(op: str, weights: Tensor, inputs, args: tuple, check, fallback):
+    """Op `op` of the extension on (weights, inputs, *args) where it can run
+    (:func:`_use_compiled`), through simplex_param._C where allowed
+    (:func:`_fast_call`), else torch.ops; otherwise `check()`, then the
+    reference `fallback`."""
+    if _use_compiled(weights, inputs):
+        if _fast_call(weights, inputs):
+            return getattr(_ext.MODULE, op)(weights, inputs, *args)
+        return getattr(torch.ops.simplex_param, op).default(weights, inputs, *args)
+    check()
+    return fallback(weights, inputs, *args)
+
+
+def _mapped_weighted_sum(logits, inputs, map: str, temperature, alpha=None) -> Tensor:
     """simplex_weighted_sum once `map` is known to be valid."""
-    inputs = _as_list(inputs)
+    inputs = as_list(inputs)
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
+    alpha = checks.check_alpha(alpha, map, maps.MAPS[map].has_alpha)
     if type(temperature) is not float or not 0.0 < temperature < math.inf:
         temperature = checks.check_temperature(temperature)
         if isinstance(temperature, Tensor):
@@ -97,15 +111,17 @@ def _mapped_weighted_sum(logits, inputs, map: str, temperature) -> Tensor:
             checks.check_args(logits, inputs, "logits")
             logits = logits.to(reference.acc_dtype(inputs[0].dtype)) / temperature
             temperature = 1.0
-    if _use_compiled(logits, inputs):
-        if _fast_call(logits, inputs):
-            return _ext.MODULE.simplex_weighted_sum(logits, inputs, map, temperature)
-        return torch.ops.simplex_param.simplex_weighted_sum.default(logits, inputs, map, temperature)
-    checks.check_args(logits, inputs, "logits")
-    return reference.simplex_weighted_sum(logits, inputs, map, temperature)
+    if isinstance(alpha, Tensor):
+        # A learned alpha: the weights by the map's twin, which gives alpha
+        # its gradient, then the compiled contraction.
+        checks.check_args(logits, inputs, "logits")
+        z = logits.to(reference.acc_dtype(inputs[0].dtype))
+        return weighted_sum(maps.apply(map, z if temperature == 1.0 else z / temperature, alpha), inputs)
+    return _run("simplex_weighted_sum", logits, inputs, (map, temperature, alpha),
+                lambda: checks.check_args(logits, inputs, "logits"), reference.simplex_weighted_sum)
 
 
-def simplex_weighted_sum(logits: Tensor, inputs, *, map: str = "softmax", temperature=1.0) -> Tensor:
+def simplex_weighted_sum(logits: Tensor, inputs, *, map: str = "softmax", temperature=1.0, alpha=None) -> Tensor:
     r"""Fused ``sum_k map(logits / temperature)[..., k] * inputs[k]``.
 
     The map acts on the last dimension of ``logits``, row by row:
@@ -115,11 +131,18 @@ def simplex_weighted_sum(logits: Tensor, inputs, *, map: str = "softmax", temper
       ``max(x - tau, 0)`` (Martins & Astudillo, 2016), with exact zeros;
     - ``"entmax15"``: 1.5-entmax, ``max(x / 2 - tau, 0) ** 2`` (Peters et
       al., 2019), between the two, also with exact zeros;
+    - ``"entmax_bisect"``: alpha-entmax, ``max((alpha - 1) x - tau, 0) **
+      (1 / (alpha - 1))``: the softmax at ``alpha = 1``, 1.5-entmax at 1.5,
+      sparsemax at 2, sparser beyond;
     - ``"identity"``: the scaled logits as given (:func:`weighted_sum` when
       ``temperature`` is 1).
 
     ``x`` is ``logits / temperature`` and ``tau`` the threshold that makes the
     row sum to one. Rows of all ``-inf``, or with ``+inf`` or NaN, give NaN.
+    ``alpha`` (``"entmax_bisect"`` only; default 1.5) is a number ``>= 1``,
+    or a floating tensor broadcastable to ``logits`` with size 1 in the last
+    dimension, which gets a gradient (the exact one). The maps are listed in
+    :data:`simplex_param.maps.MAPS`; see ``docs/maps.md``.
 
     Example::
 
@@ -129,8 +152,8 @@ def simplex_weighted_sum(logits: Tensor, inputs, *, map: str = "softmax", temper
         >>> sp.simplex_weighted_sum(torch.tensor([2.0, 1.5, -1.0]), xs, map="sparsemax")  # weights 0.75, 0.25, 0
         tensor([0.2500, 0.2500])
     """
-    checks.check_map(map, reference.MAPS)
-    return _mapped_weighted_sum(logits, inputs, map, temperature)
+    checks.check_map(map, maps.MAPS)
+    return _mapped_weighted_sum(logits, inputs, map, temperature, alpha)
 
 
 def softmax_weighted_sum(logits: Tensor, inputs, *, temperature=1.0) -> Tensor:
@@ -191,15 +214,11 @@ def weighted_sum(weights: Tensor, inputs) -> Tensor:
         >>> sp.weighted_sum(torch.tensor([0.25, 0.75]), torch.tensor([[4.0], [8.0]]))
         tensor([7.])
     """
-    inputs = _as_list(inputs)
+    inputs = as_list(inputs)
     if not isinstance(weights, Tensor):
         raise TypeError(f"weights must be a Tensor, got {type(weights).__name__}")
-    if _use_compiled(weights, inputs):
-        if _fast_call(weights, inputs):
-            return _ext.MODULE.weighted_sum(weights, inputs)
-        return torch.ops.simplex_param.weighted_sum.default(weights, inputs)
-    checks.check_args(weights, inputs, "weights")
-    return reference.weighted_sum(weights, inputs)
+    return _run("weighted_sum", weights, inputs, (), lambda: checks.check_args(weights, inputs, "weights"),
+                reference.weighted_sum)
 
 
 def _flatten_groups(weights, groups, name: str) -> list:
@@ -266,22 +285,20 @@ def grouped_weighted_sum(weights: Tensor, groups) -> list:
         (tensor([0.7500, 0.7500]), tensor([1., 1., 1.]))
     """
     flat = _flatten_groups(weights, groups, "weights")
-    if _use_compiled(weights, flat):
-        if _fast_call(weights, flat):
-            return _ext.MODULE.grouped_weighted_sum(weights, flat)
-        return torch.ops.simplex_param.grouped_weighted_sum.default(weights, flat)
-    checks.check_grouped_args(weights, flat, "weights")
-    return reference.grouped_weighted_sum(weights, flat)
+    return _run("grouped_weighted_sum", weights, flat, (),
+                lambda: checks.check_grouped_args(weights, flat, "weights"), reference.grouped_weighted_sum)
 
 
-def grouped_simplex_weighted_sum(logits: Tensor, groups, *, map: str = "softmax", temperature=1.0) -> list:
+def grouped_simplex_weighted_sum(logits: Tensor, groups, *, map: str = "softmax", temperature=1.0,
+                                 alpha=None) -> list:
     r"""``out[g] = sum_k map(logits / temperature)[g, k] * groups[g][k]``, in one call.
 
     ``logits`` is ``(G, K)``; the map (see :func:`simplex_weighted_sum`) acts on
-    each row, in float64 when a group is float64, else in float32. Otherwise
-    as :func:`grouped_weighted_sum`.
+    each row, in float64 when a group is float64, else in float32. ``alpha``
+    as in :func:`simplex_weighted_sum`. Otherwise as :func:`grouped_weighted_sum`.
     """
-    checks.check_map(map, reference.MAPS)
+    checks.check_map(map, maps.MAPS)
+    alpha = checks.check_alpha(alpha, map, maps.MAPS[map].has_alpha)
     flat = _flatten_groups(logits, groups, "logits")
     if type(temperature) is not float or not 0.0 < temperature < math.inf:
         temperature = checks.check_temperature(temperature)
@@ -290,12 +307,13 @@ def grouped_simplex_weighted_sum(logits: Tensor, groups, *, map: str = "softmax"
             checks.check_grouped_args(logits, flat, "logits")
             logits = logits.to(reference.grouped_acc_dtype(flat)) / temperature
             temperature = 1.0
-    if _use_compiled(logits, flat):
-        if _fast_call(logits, flat):
-            return _ext.MODULE.grouped_simplex_weighted_sum(logits, flat, map, temperature)
-        return torch.ops.simplex_param.grouped_simplex_weighted_sum.default(logits, flat, map, temperature)
-    checks.check_grouped_args(logits, flat, "logits")
-    return reference.grouped_simplex_weighted_sum(logits, flat, map, temperature)
+    if isinstance(alpha, Tensor):
+        checks.check_grouped_args(logits, flat, "logits")
+        z = logits.to(reference.grouped_acc_dtype(flat))
+        return grouped_weighted_sum(maps.apply(map, z if temperature == 1.0 else z / temperature, alpha),
+                                    [flat[g * logits.shape[1]:(g + 1) * logits.shape[1]] for g in range(len(logits))])
+    return _run("grouped_simplex_weighted_sum", logits, flat, (map, temperature, alpha),
+                lambda: checks.check_grouped_args(logits, flat, "logits"), reference.grouped_simplex_weighted_sum)
 
 
 def grouped_softmax_weighted_sum(logits: Tensor, groups, *, temperature=1.0) -> list:
@@ -315,91 +333,6 @@ def grouped_softmax_weighted_sum(logits: Tensor, groups, *, temperature=1.0) -> 
     return grouped_simplex_weighted_sum(logits, groups, map="softmax", temperature=temperature)
 
 
-# --------------------------------------------------------------------------
-# Fake kernels of the compiled ops (only when they exist).
-# --------------------------------------------------------------------------
-
-def _walk_strides(tensors: list, row_dims: int) -> tuple:
-    """The layout rule of csrc/layout.cpp: the strides of the first tensor that
-    is non-overlapping and dense with its first `row_dims` dimensions
-    outermost and in order, else the contiguous strides."""
-    for t in tensors:
-        if _walkable(t, row_dims):
-            return t.stride()
-    strides, expected = [], 1
-    for size in reversed(t.shape):
-        strides.append(expected)
-        expected *= max(size, 1)
-    return tuple(reversed(strides))
-
-
-def _walkable(t: Tensor, row_dims: int) -> bool:
-    # c10's non-overlapping-and-dense test: the dims of size >= 2, ordered by
-    # stride, are laid out contiguously.
-    expected = 1
-    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n >= 2), key=lambda d: d[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    expected = 1
-    for i in reversed(range(t.dim())):
-        if i < row_dims and t.shape[i] > 1 and t.stride(i) != expected:
-            return False
-        expected *= t.shape[i]
-    return True
-
-
-def _fake_weighted_sum(weights, inputs):
-    checks.check_args(weights, inputs, "weights")
-    x0 = inputs[0]
-    return x0.new_empty_strided(x0.shape, _walk_strides(inputs, weights.dim() - 1))
-
-
-def _fake_weighted_sum_backward(grad, weights, inputs, weights_requires_grad, inputs_requires_grad,
-                                skip_zero_weights=False):
-    checks.check_backward_args(grad, weights, inputs, weights_requires_grad, inputs_requires_grad)
-    strides = _walk_strides([grad, *(inputs if weights_requires_grad else ())], weights.dim() - 1)
-    grad_weights = weights.new_empty(weights.shape if weights_requires_grad else (0,))
-    grad_inputs = [grad.new_empty_strided(grad.shape, strides) if need else grad.new_empty(0)
-                   for need in inputs_requires_grad]
-    return grad_weights, grad_inputs
-
-
-def _fake_simplex_weighted_sum(logits, inputs, map="softmax", temperature=1.0):
-    checks.check_args(logits, inputs, "logits")
-    checks.check_map(map, reference.MAPS)
-    checks.check_temperature(temperature)
-    x0 = inputs[0]
-    return x0.new_empty_strided(x0.shape, _walk_strides(inputs, logits.dim() - 1))
-
-
-def _fake_grouped_weighted_sum(weights, inputs):
-    checks.check_grouped_args(weights, inputs, "weights")
-    K = weights.shape[1]
-    groups = [inputs[g * K:(g + 1) * K] for g in range(weights.shape[0])]
-    return [group[0].new_empty_strided(group[0].shape, _walk_strides(group, 0)) for group in groups]
-
-
-def _fake_grouped_weighted_sum_backward(grads, weights, inputs, weights_requires_grad, inputs_requires_grad):
-    checks.check_grouped_backward_args(grads, weights, inputs, weights_requires_grad, inputs_requires_grad)
-    K = weights.shape[1]
-    grad_inputs = []
-    for g, grad in enumerate(grads):
-        strides = _walk_strides([grad, *(inputs[g * K:(g + 1) * K] if weights_requires_grad else ())], 0)
-        grad_inputs += [grad.new_empty_strided(grad.shape, strides)
-                        for need in inputs_requires_grad[g * K:(g + 1) * K] if need]
-    return weights.new_empty(weights.shape if weights_requires_grad else (0,)), grad_inputs
-
-
-def _register_fakes():
-    lib = "simplex_param::"
-    torch.library.register_fake(lib + "grouped_weighted_sum")(_fake_grouped_weighted_sum)
-    torch.library.register_fake(lib + "_grouped_weighted_sum_backward")(_fake_grouped_weighted_sum_backward)
-    torch.library.register_fake(lib + "weighted_sum")(_fake_weighted_sum)
-    torch.library.register_fake(lib + "_weighted_sum_backward")(_fake_weighted_sum_backward)
-    torch.library.register_fake(lib + "simplex_weighted_sum")(_fake_simplex_weighted_sum)
-
-
 def _kernel_devices() -> dict:
     """Device types with a kernel for every op, read from the dispatcher."""
     if not _ext.extension_loaded():
@@ -412,5 +345,5 @@ def _kernel_devices() -> dict:
 
 
 if _ext.extension_loaded():
-    _register_fakes()
+    fakes.register()
 _KERNEL_DEVICES = _kernel_devices()

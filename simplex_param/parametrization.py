@@ -6,20 +6,22 @@ probability simplex along a dimension, with :mod:`torch.nn.utils.parametrize`.
 :func:`torch.nn.utils.parametrizations.orthogonal`, and :func:`combine` is the
 bridge to the fused operator: a weighted sum of inputs by a parametrized weight
 vector that never materialises the weights.
+
+:func:`set_temperature` sets the temperature of every ``Simplex`` in a model,
+and of every layer built on one.
 """
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import checks, ops, reference
+from . import checks, maps, ops
 from .reference import acc_dtype
 
-# The maps whose values lie on the simplex (reference.MAPS has identity too).
-SIMPLEX_MAPS = ("softmax", "sparsemax", "entmax15")
-
-__all__ = ["Simplex", "simplex", "combine"]
+__all__ = ["Simplex", "simplex", "combine", "set_temperature", "check_simplex_map"]
 
 # Slack on "sums to one" when deciding whether a value assigned to a
 # parametrized tensor is probabilities. Generous enough for probabilities
@@ -61,9 +63,8 @@ class Simplex(nn.Module):
         W = \mathrm{map}(Z / T, \mathrm{dim}), \qquad
         W \ge 0, \quad \textstyle\sum_{\mathrm{dim}} W = 1
 
-    with the map ``"softmax"`` (the default), or ``"sparsemax"`` or
-    ``"entmax15"``, which give exact zeros (see
-    :func:`simplex_param.simplex_weighted_sum`).
+    with the map ``"softmax"`` (the default), or a sparse one, which gives
+    exact zeros (see :func:`simplex_param.simplex_weighted_sum`).
 
     where :math:`Z` are the unconstrained pre-weights stored by
     :func:`torch.nn.utils.parametrize.register_parametrization` in
@@ -98,8 +99,16 @@ class Simplex(nn.Module):
             one; ``None`` for all entries. Default: ``-1``.
         temperature (float, optional): softmax temperature, positive and
             finite. Default: ``1.0``.
-        map (str, optional): ``"softmax"``, ``"sparsemax"`` or ``"entmax15"``.
+        map (str, optional): a map onto the simplex, one of
+            :data:`simplex_param.maps.SIMPLEX_MAPS` (``"softmax"``,
+            ``"sparsemax"``, ``"entmax15"``, ``"entmax_bisect"``; see
+            ``docs/maps.md``).
             Default: ``"softmax"``.
+        alpha (float, optional): the map's parameter, for ``"entmax_bisect"``
+            only: ``>= 1``, default 1.5.
+        learn_alpha (bool, optional): learn alpha as ``1 + softplus(alpha_pre)``,
+            with the parameter ``alpha_pre`` of this module (initialised from
+            ``alpha``), so that it stays above 1. Default: ``False``.
 
     Example::
 
@@ -123,33 +132,64 @@ class Simplex(nn.Module):
                 [0.2000, 0.3000, 0.5000]], grad_fn=<SoftmaxBackward0>)
     """
 
-    def __init__(self, dim: Optional[int] = -1, temperature: float = 1.0, map: str = "softmax") -> None:
+    # set_temperature sets this module's temperature.
+    anneals_temperature = True
+
+    def __init__(self, dim: Optional[int] = -1, temperature: float = 1.0, map: str = "softmax", *,
+                 alpha: Optional[float] = None, learn_alpha: bool = False) -> None:
         super().__init__()
         self.dim = _check_dim_type(dim)
         self.temperature = checks.check_float_temperature(temperature)
-        self.map = _check_map(map)
+        self.map = check_simplex_map(map)
+        alpha = checks.check_alpha(alpha, map, maps.MAPS[map].has_alpha)
+        if isinstance(alpha, Tensor):
+            raise TypeError("alpha must be a number; learn_alpha=True makes it a learned parameter")
+        if not isinstance(learn_alpha, bool):
+            raise TypeError(f"learn_alpha must be a bool, got {type(learn_alpha).__name__}")
+        self.learn_alpha = learn_alpha
+        if learn_alpha:
+            if not maps.MAPS[map].has_alpha:
+                raise ValueError(f"learn_alpha=True needs a map with the parameter alpha, got map '{map}'")
+            alpha = maps.DEFAULT_ALPHA if alpha is None else alpha
+            if alpha == 1.0:
+                raise ValueError("learn_alpha=True needs alpha > 1: alpha = 1 + softplus(alpha_pre) never reaches 1")
+            # alpha = 1 + softplus(alpha_pre) > 1, as entmax's maintainers
+            # recommend: a learned alpha cannot drift to 1 or below (NaN).
+            self.alpha_pre = nn.Parameter(torch.tensor(math.log(math.expm1(alpha - 1))))
+        else:
+            self._alpha = alpha
         # The shape of the tensor registered with; later assignments must keep it.
         self.shape: Optional[torch.Size] = None
 
+    @property
+    def alpha(self):
+        """The map's alpha: a float (None for a map without it), or the 0-D
+        tensor ``1 + softplus(alpha_pre)`` when it is learned."""
+        if self.learn_alpha:
+            return 1 + F.softplus(self.alpha_pre)
+        return self._alpha
+
     def extra_repr(self) -> str:
         extra = "" if self.map == "softmax" else f", map={self.map!r}"
+        if self.learn_alpha:
+            extra += ", learn_alpha=True"
+        elif self._alpha is not None:
+            extra += f", alpha={self._alpha}"
         return f"dim={self.dim}, temperature={float(self.temperature)}{extra}"
 
-    def forward(self, X: Tensor) -> Tensor:
-        Xc = X.to(acc_dtype(X.dtype))
-        if self.map == "softmax":
-            Xc = Xc / self.temperature
-            if self.dim is None:
-                W = torch.softmax(Xc.reshape(-1), dim=0).reshape(X.shape)
-            else:
-                W = torch.softmax(Xc, dim=self.dim)
-            return W.to(X.dtype)
-        f = reference.MAPS[self.map]
-        Xc = Xc / self.temperature  # a float, or a 0-D tensor after set_temperature
+    def _along_dim(self, f, X: Tensor) -> Tensor:
+        """f over `dim` (the last dimension of what f sees), or over all entries."""
         if self.dim is None:
-            W = f(Xc.reshape(-1), 1.0).reshape(X.shape)
+            return f(X.reshape(-1)).reshape(X.shape)
+        return f(X.movedim(self.dim, -1)).movedim(-1, self.dim)
+
+    def forward(self, X: Tensor) -> Tensor:
+        Xc = X.to(acc_dtype(X.dtype)) / self.temperature  # a float, or a 0-D tensor after set_temperature
+        alpha = self.alpha
+        if self.dim is None:
+            W = maps.apply(self.map, Xc.reshape(-1), alpha).reshape(X.shape)
         else:
-            W = f(Xc.movedim(self.dim, -1), 1.0).movedim(-1, self.dim)
+            W = maps.apply(self.map, Xc, alpha, dim=self.dim)
         return W.to(X.dtype)
 
     def _on_simplex(self, Y: Tensor, dtype: torch.dtype) -> bool:
@@ -183,15 +223,13 @@ class Simplex(nn.Module):
             )
         if not self._on_simplex(Yc, Y.dtype):
             return Y.clone()
-        if self.map == "softmax":
+        alpha = self.alpha
+        alpha = alpha.detach().to(Yc.dtype) if isinstance(alpha, Tensor) else alpha
+        if self.map == "softmax":  # its inverse's floor is the stored dtype's
             info = torch.finfo(Y.dtype)
-            Z = Yc.clamp_min(max(info.tiny, info.eps**2)).log()
-            Z = Z - (Z.mean() if self.dim is None else Z.mean(dim=self.dim, keepdim=True))
+            Z = self._along_dim(lambda p: maps.inverse(self.map, p.clamp_min(max(info.tiny, info.eps**2))), Yc)
         else:
-            # sparsemax(p) = p and entmax15(2 sqrt(p)) = p on the simplex; zeros
-            # get -1, below the threshold (near 0), so they map back to 0.
-            support = Yc if self.map == "sparsemax" else 2 * Yc.sqrt()
-            Z = torch.where(Yc > 0, support, torch.full_like(Yc, -1.0))
+            Z = self._along_dim(lambda p: maps.inverse(self.map, p, alpha), Yc)
         Z = (Z * self.temperature).to(Y.dtype)
         if not bool(torch.isfinite(Z).all()):
             raise ValueError(
@@ -201,9 +239,10 @@ class Simplex(nn.Module):
         return Z
 
 
-def _check_map(map) -> str:
-    """One of the maps whose weights lie on the simplex."""
-    return checks.check_map(map, SIMPLEX_MAPS)
+def check_simplex_map(map) -> str:
+    """`map` must name one of the maps whose weights lie on the simplex
+    (:data:`simplex_param.maps.SIMPLEX_MAPS`)."""
+    return checks.check_map(map, maps.SIMPLEX_MAPS)
 
 
 def _get_tensor(module: nn.Module, name: str) -> Tensor:
@@ -218,7 +257,8 @@ def _get_tensor(module: nn.Module, name: str) -> Tensor:
 
 
 def simplex(
-    module: nn.Module, name: str = "weight", *, dim: Optional[int] = -1, temperature: float = 1.0, map: str = "softmax"
+    module: nn.Module, name: str = "weight", *, dim: Optional[int] = -1, temperature: float = 1.0,
+    map: str = "softmax", alpha: Optional[float] = None, learn_alpha: bool = False,
 ) -> nn.Module:
     r"""Constrain ``module.<name>`` to the probability simplex along ``dim``.
 
@@ -241,8 +281,9 @@ def simplex(
             one; ``None`` for all entries. Default: ``-1``.
         temperature (float, optional): softmax temperature, positive and
             finite. Default: ``1.0``.
-        map (str, optional): ``"softmax"``, ``"sparsemax"`` or ``"entmax15"``
-            (see :class:`Simplex`). Default: ``"softmax"``.
+        map (str, optional): a map onto the simplex (see :class:`Simplex`).
+            Default: ``"softmax"``.
+        alpha, learn_alpha: the map's alpha, fixed or learned (see :class:`Simplex`).
 
     Returns:
         The module, with the parametrization registered.
@@ -269,7 +310,8 @@ def simplex(
     _check_floating(t, f"module.{name}")
     dim = _check_dim_type(dim)
     _check_dim_range(dim, t.dim())
-    return parametrize.register_parametrization(module, name, Simplex(dim=dim, temperature=temperature, map=map))
+    return parametrize.register_parametrization(
+        module, name, Simplex(dim=dim, temperature=temperature, map=map, alpha=alpha, learn_alpha=learn_alpha))
 
 
 def combine(module: nn.Module, name: str, inputs) -> Tensor:
@@ -311,9 +353,8 @@ def combine(module: nn.Module, name: str, inputs) -> Tensor:
         plist = module.parametrizations[name]
         if _is_fusable(plist):
             p = plist[0]
-            if p.map == "softmax":
-                return ops.softmax_weighted_sum(plist.original, inputs, temperature=p.temperature)
-            return ops.simplex_weighted_sum(plist.original, inputs, map=p.map, temperature=p.temperature)
+            return ops.simplex_weighted_sum(plist.original, inputs, map=p.map, temperature=p.temperature,
+                                            alpha=p.alpha)
     return ops.weighted_sum(_get_tensor(module, name), inputs)
 
 
@@ -322,3 +363,51 @@ def _is_fusable(plist: parametrize.ParametrizationList) -> bool:
     if len(plist) != 1 or not isinstance(plist[0], Simplex) or not plist.is_tensor:
         return False
     return plist.original.dim() == 1 and plist[0].dim in (0, -1, None)
+
+
+def set_temperature(module: nn.Module, value) -> int:
+    r"""Set the temperature of every :class:`Simplex` in ``module``, and of
+    every layer built on one (:class:`~simplex_param.SimplexFusion`,
+    :class:`~simplex_param.MixedOp`): the modules whose class sets
+    ``anneals_temperature = True``.
+
+    The first call makes each one's temperature a 0-D float64 buffer
+    (non-persistent: state_dicts do not change); later calls write the new
+    value into it, in place. So annealing a model compiled with
+    :func:`torch.compile` does not recompile it: call ``set_temperature``
+    once before compiling, then as often as the schedule wants.
+
+    Args:
+        module (nn.Module): the model.
+        value (float or Tensor): the temperature, positive and finite (a
+            0-D tensor's value is copied).
+
+    Returns:
+        The number of modules set.
+
+    Example::
+
+        >>> model = nn.Sequential(sp.SimplexFusion(3), sp.MixedOp([nn.Identity(), nn.Tanh()]))
+        >>> sp.set_temperature(model, 0.5)
+        4
+        >>> model[0].temperature
+        tensor(0.5000, dtype=torch.float64)
+    """
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"value must be a number or a 0-D tensor, got a {value.dim()}-D tensor")
+        value = value.item()
+    value = checks.check_float_temperature(value)
+    count = 0
+    for m in module.modules():
+        if not getattr(m, "anneals_temperature", False):
+            continue
+        t = m.temperature
+        if isinstance(t, Tensor):
+            with torch.no_grad():
+                t.fill_(value)
+        else:
+            del m.temperature
+            m.register_buffer("temperature", torch.tensor(value, dtype=torch.float64), persistent=False)
+        count += 1
+    return count

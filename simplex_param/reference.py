@@ -12,6 +12,8 @@ inputs' shape ``S``; ``inputs: K tensors of shape S``; result ``S``.
 import torch
 from torch import Tensor
 
+from . import maps
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype for inputs of `dtype`: float64 stays, all else is float32."""
@@ -31,47 +33,15 @@ def weighted_sum(weights: Tensor, inputs: list[Tensor]) -> Tensor:
     return out.to(dtype)
 
 
-# The weight maps over the last dimension: twins of the registry in csrc/maps.cpp.
-def _softmax(z: Tensor, temperature: float) -> Tensor:
-    return torch.softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+def _map(name: str, z: Tensor, temperature: float, alpha) -> Tensor:
+    return maps.apply(name, z if temperature == 1.0 else z / temperature, alpha)
 
 
-def _identity(z: Tensor, temperature: float) -> Tensor:
-    return z.clone() if temperature == 1.0 else z / temperature
-
-
-def _sparsemax(z: Tensor, temperature: float) -> Tensor:
-    """The Euclidean projection of z / T onto the simplex: max(x - tau, 0)."""
-    x = z if temperature == 1.0 else z / temperature
-    xs = x.sort(-1, descending=True).values
-    k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
-    cumsum = xs.cumsum(-1)
-    size = (1 + k * xs > cumsum).sum(-1, keepdim=True).clamp_min(1)
-    tau = (cumsum.gather(-1, size - 1) - 1) / size.to(x.dtype)
-    return (x - tau).clamp_min(0)
-
-
-def _entmax15(z: Tensor, temperature: float) -> Tensor:
-    """1.5-entmax of z / T: max(x / 2 - tau, 0)^2 summing to one, by sorting."""
-    x = (z if temperature == 1.0 else z / temperature) / 2
-    x = x - x.max(-1, keepdim=True).values
-    xs = x.sort(-1, descending=True).values
-    rho = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
-    mean = xs.cumsum(-1) / rho
-    mean_sq = (xs * xs).cumsum(-1) / rho
-    tau = mean - ((1 - rho * (mean_sq - mean * mean)) / rho).clamp_min(0).sqrt()
-    size = (tau <= xs).sum(-1, keepdim=True).clamp_min(1)
-    return (x - tau.gather(-1, size - 1)).clamp_min(0) ** 2
-
-
-MAPS = {"softmax": _softmax, "identity": _identity, "sparsemax": _sparsemax, "entmax15": _entmax15}
-
-
-def simplex_weighted_sum(logits: Tensor, inputs: list[Tensor], map: str = "softmax", temperature: float = 1.0) -> Tensor:
-    r"""``sum_k map(logits / temperature)[..., k] * inputs[k]``, the map taken
-    in the accumulation dtype."""
-    z = logits.to(acc_dtype(inputs[0].dtype))
-    return weighted_sum(MAPS[map](z, temperature), inputs)
+def simplex_weighted_sum(logits: Tensor, inputs: list[Tensor], map: str = "softmax", temperature: float = 1.0,
+                         alpha=None) -> Tensor:
+    r"""``sum_k map(logits / temperature)[..., k] * inputs[k]``, the map
+    (:mod:`simplex_param.maps`) taken in the accumulation dtype."""
+    return weighted_sum(_map(map, logits.to(acc_dtype(inputs[0].dtype)), temperature, alpha), inputs)
 
 
 def softmax_weighted_sum(logits: Tensor, inputs: list[Tensor], temperature: float = 1.0) -> Tensor:
@@ -92,7 +62,7 @@ def grouped_acc_dtype(inputs: list[Tensor]) -> torch.dtype:
 
 
 def grouped_simplex_weighted_sum(logits: Tensor, inputs: list[Tensor], map: str = "softmax",
-                                 temperature: float = 1.0) -> list[Tensor]:
+                                 temperature: float = 1.0, alpha=None) -> list[Tensor]:
     r"""The map of the ``(G, K)`` logits in :func:`grouped_acc_dtype`, then
     :func:`grouped_weighted_sum`."""
-    return grouped_weighted_sum(MAPS[map](logits.to(grouped_acc_dtype(inputs)), temperature), inputs)
+    return grouped_weighted_sum(_map(map, logits.to(grouped_acc_dtype(inputs)), temperature, alpha), inputs)

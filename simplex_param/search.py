@@ -10,9 +10,9 @@ from torch.nn.utils import parametrize
 from . import checks, ops
 from .gumbel import gumbel_softmax
 from .layers import SimplexFusion
-from .parametrization import Simplex, _check_map
+from .parametrization import Simplex, check_simplex_map
 
-__all__ = ["MixedOp", "architecture_parameters", "split_parameters", "set_temperature"]
+__all__ = ["MixedOp", "architecture_parameters", "split_parameters"]
 
 MODES = ("soft", "hard")
 
@@ -28,7 +28,8 @@ class MixedOp(nn.Module):
 
     **Soft** (DARTS): every candidate runs, and their outputs are fused in one
     :func:`simplex_param.simplex_weighted_sum` call, never stacked. ``map`` is
-    ``"softmax"``, ``"sparsemax"`` or ``"entmax15"``.
+    a map onto the simplex (see :class:`~simplex_param.Simplex`), with its
+    ``alpha`` and ``learn_alpha``.
 
     **Hard** (GDAS): in training mode, one candidate per call is drawn with
     the hard Gumbel-softmax (:func:`simplex_param.gumbel_softmax`), and only
@@ -72,6 +73,9 @@ class MixedOp(nn.Module):
         torch.Size([1, 2])
     """
 
+    # set_temperature sets this module's temperature.
+    anneals_temperature = True
+
     def __init__(
         self,
         candidates,
@@ -79,6 +83,8 @@ class MixedOp(nn.Module):
         mode: str = "soft",
         map: str = "softmax",
         temperature: float = 1.0,
+        alpha: Optional[float] = None,
+        learn_alpha: bool = False,
         own_weights: bool = True,
         generator: Optional[torch.Generator] = None,
     ) -> None:
@@ -93,14 +99,18 @@ class MixedOp(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
         self.mode = mode
-        self.map = _check_map(map)
+        self.map = check_simplex_map(map)
         self.temperature = checks.check_float_temperature(temperature)
         self.generator = generator
+        simplex = Simplex(temperature=self.temperature, map=map, alpha=alpha, learn_alpha=learn_alpha)
+        self._alpha = None if learn_alpha else simplex.alpha  # for logits given to forward
         if own_weights:
             self.weight = nn.Parameter(torch.zeros(len(candidates)))
             # Zeros are not on the simplex: right_inverse keeps them as the
             # pre-weights, uniform weights at first.
-            parametrize.register_parametrization(self, "weight", Simplex(temperature=self.temperature, map=map))
+            parametrize.register_parametrization(self, "weight", simplex)
+        elif learn_alpha:
+            raise ValueError("learn_alpha=True needs own_weights=True: the learned alpha lives with the weights")
 
     def reset_parameters(self) -> None:
         """The constructor's start for the layer's own weights: zero
@@ -133,7 +143,8 @@ class MixedOp(nn.Module):
         z = self._logits(logits)
         if self.mode == "soft":
             return ops.simplex_weighted_sum(
-                z, (op(x) for op in self.candidates), map=self.map, temperature=self.temperature
+                z, (op(x) for op in self.candidates), map=self.map, temperature=self.temperature,
+                alpha=self.parametrizations.weight[0].alpha if logits is None else self._alpha,
             )
         # Which module runs is host control flow: one read on the host (a
         # graph break under torch.compile, which the soft mode does not have).
@@ -177,50 +188,3 @@ def split_parameters(model: nn.Module) -> tuple:
     arch = architecture_parameters(model)
     ids = {id(p) for p in arch}
     return arch, [p for p in model.parameters() if id(p) not in ids]
-
-
-
-def set_temperature(module: nn.Module, value) -> int:
-    r"""Set the temperature of every :class:`~simplex_param.Simplex`,
-    :class:`~simplex_param.SimplexFusion` and :class:`MixedOp` in ``module``.
-
-    The first call makes each one's temperature a 0-D float64 buffer
-    (non-persistent: state_dicts do not change); later calls write the new
-    value into it, in place. So annealing a model compiled with
-    :func:`torch.compile` does not recompile it: call ``set_temperature``
-    once before compiling, then as often as the schedule wants.
-
-    Args:
-        module (nn.Module): the model.
-        value (float or Tensor): the temperature, positive and finite (a
-            0-D tensor's value is copied).
-
-    Returns:
-        The number of modules set.
-
-    Example::
-
-        >>> model = nn.Sequential(sp.SimplexFusion(3), sp.MixedOp([nn.Identity(), nn.Tanh()]))
-        >>> sp.set_temperature(model, 0.5)
-        4
-        >>> model[0].temperature
-        tensor(0.5000, dtype=torch.float64)
-    """
-    if isinstance(value, Tensor):
-        if value.dim() != 0:
-            raise ValueError(f"value must be a number or a 0-D tensor, got a {value.dim()}-D tensor")
-        value = value.item()
-    value = checks.check_float_temperature(value)
-    count = 0
-    for m in module.modules():
-        if not isinstance(m, (Simplex, SimplexFusion, MixedOp)):
-            continue
-        t = m.temperature
-        if isinstance(t, Tensor):
-            with torch.no_grad():
-                t.fill_(value)
-        else:
-            del m.temperature
-            m.register_buffer("temperature", torch.tensor(value, dtype=torch.float64), persistent=False)
-        count += 1
-    return count

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import ops
-from .parametrization import Simplex, _check_map
+from .parametrization import Simplex, check_simplex_map
 
 __all__ = ["LearnedSoup"]
 
@@ -100,7 +100,10 @@ class LearnedSoup(nn.Module):
         granularity (str): ``"tensor"`` (default) learns one row of K weights
             per mixed tensor, ``"model"`` one row for them all.
         temperature (float): of the map. Default: ``1.0``.
-        map (str): ``"softmax"`` (default), ``"sparsemax"`` or ``"entmax15"``.
+        map (str): a map onto the simplex (see :class:`~simplex_param.Simplex`);
+            ``"softmax"`` by default.
+        alpha, learn_alpha: the map's alpha, fixed or learned (see
+            :class:`~simplex_param.Simplex`).
         dtype (torch.dtype, optional): store the members in this floating
             dtype (for example ``torch.bfloat16``, to halve their memory); the
             mixed tensors are cast back to the template's dtypes.
@@ -143,6 +146,8 @@ class LearnedSoup(nn.Module):
         granularity: str = "tensor",
         temperature: float = 1.0,
         map: str = "softmax",
+        alpha: Optional[float] = None,
+        learn_alpha: bool = False,
         dtype: Optional[torch.dtype] = None,
         buffers="mix",
         output_scale: bool = False,
@@ -238,10 +243,10 @@ class LearnedSoup(nn.Module):
 
         self.num_members = K
         self.granularity = granularity
-        self.map = _check_map(map)
+        self.map = check_simplex_map(map)
         rows = len(params) if granularity == "tensor" else 1
         self.weight = nn.Parameter(torch.zeros(rows, K))
-        parametrize.register_parametrization(self, "weight", Simplex(dim=-1, temperature=temperature, map=map))
+        parametrize.register_parametrization(self, "weight", Simplex(dim=-1, temperature=temperature, map=map, alpha=alpha, learn_alpha=learn_alpha))
         if output_scale:
             # The recipe's beta: nn.Parameter(torch.tensor(1.0)).
             self.beta = nn.Parameter(torch.ones(()))

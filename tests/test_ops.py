@@ -527,7 +527,7 @@ def test_bad_backward_input(args, exc, msg):
 
 
 def test_unknown_map():
-    msg = "^map must be one of 'softmax', 'identity', 'sparsemax', 'entmax15', got 'gumbel'$"
+    msg = "^map must be one of " + ", ".join(repr(m) for m in sp.maps.MAPS) + ", got 'gumbel'$"
     with pytest.raises(ValueError, match=msg):
         sp.simplex_weighted_sum(torch.zeros(2), [_x(2)] * 2, map="gumbel")
     if COMPILED:

@@ -335,7 +335,7 @@ def test_stacking_another_after_simplex():
 def spy(monkeypatch):
     """Records which operator combine() called, and with which weights."""
     calls = []
-    for name in ("softmax_weighted_sum", "weighted_sum"):
+    for name in ("simplex_weighted_sum", "weighted_sum"):
         fn = getattr(ops, name)
 
         def wrapped(w, inputs, *args, _fn=fn, _name=name, **kwargs):
@@ -358,7 +358,7 @@ def test_combine_fused_and_unfused_agree(dtype, dim, T, device, spy):
     xs = [torch.randn(3, 5, dtype=dtype, device=device, requires_grad=True) for _ in range(4)]
 
     out_f = sp.combine(fused, "w", xs)
-    assert spy[-1][0] == "softmax_weighted_sum" and spy[-1][1] is fused.parametrizations.w.original
+    assert spy[-1][0] == "simplex_weighted_sum" and spy[-1][1] is fused.parametrizations.w.original
     out_u = sp.combine(unfused, "w", xs)
     assert spy[-1][0] == "weighted_sum"
     assert_close(out_f, out_u)
@@ -392,7 +392,7 @@ def test_combine_under_cached(spy):
         out_u = sp.combine(unfused, "w", xs)
         assert spy[-1] == ("weighted_sum", w)  # the cached tensor itself
         out_f = sp.combine(fused, "w", xs)
-        assert spy[-1][0] == "softmax_weighted_sum"
+        assert spy[-1][0] == "simplex_weighted_sum"
     assert_close(out_f, out_u)
 
 
@@ -482,24 +482,23 @@ def test_docstring_examples():
 # Sparse maps: Simplex(map=...), simplex(map=...), combine
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("map", ["sparsemax", "entmax15"])
+@pytest.mark.parametrize("map", [m for m in sp.maps.SIMPLEX_MAPS if m != "softmax"])
 @pytest.mark.parametrize("dim", [-1, 0, None])
 def test_sparse_map_forward(map, dim):
     torch.manual_seed(50)
     Z = 2 * torch.randn(4, 5, dtype=torch.float64)
     W = sp.Simplex(dim=dim, temperature=0.5, map=map)(Z)
-    f = reference.MAPS[map]
     if dim is None:
-        want = f(Z.reshape(-1), 0.5).reshape(Z.shape)
+        want = sp.maps.apply(map, Z.reshape(-1) / 0.5).reshape(Z.shape)
     else:
-        want = f(Z.movedim(dim, -1), 0.5).movedim(-1, dim)
+        want = sp.maps.apply(map, Z.movedim(dim, -1) / 0.5).movedim(-1, dim)
     assert_close(W, want)
     assert (W >= 0).all() and (W == 0).any()
     sums = W.sum() if dim is None else W.sum(dim)
     assert_close(sums, torch.ones_like(sums))
 
 
-@pytest.mark.parametrize("map", ["softmax", "sparsemax", "entmax15"])
+@pytest.mark.parametrize("map", sp.maps.SIMPLEX_MAPS)
 @pytest.mark.parametrize("T", [1.0, 0.3])
 def test_right_inverse_round_trips_every_map_zeros_included(map, T):
     m = sp.simplex(holder(torch.zeros(2, 4)), "w", dim=1, temperature=T, map=map)
@@ -515,17 +514,17 @@ def test_right_inverse_round_trips_every_map_zeros_included(map, T):
 def test_sparse_map_repr_and_errors():
     assert repr(sp.Simplex(map="sparsemax")) == "Simplex(dim=-1, temperature=1.0, map='sparsemax')"
     assert repr(sp.Simplex()) == "Simplex(dim=-1, temperature=1.0)"
-    with pytest.raises(ValueError, match="map must be one of 'softmax', 'sparsemax', 'entmax15', got 'identity'"):
+    with pytest.raises(ValueError, match="map must be one of 'softmax', 'sparsemax', 'entmax15', 'entmax_bisect', got 'identity'"):
         sp.Simplex(map="identity")
     with pytest.raises(TypeError, match="map must be a str, got int"):
         sp.Simplex(map=1)
 
 
-@pytest.mark.parametrize("map", ["sparsemax", "entmax15"])
+@pytest.mark.parametrize("map", [m for m in sp.maps.SIMPLEX_MAPS if m != "softmax"])
 def test_combine_uses_the_simplex_map(map, spy):
     torch.manual_seed(51)
     m = sp.simplex(holder(torch.tensor([1.0, 0.2, -2.0])), "w", map=map, temperature=0.7)
     xs = [torch.randn(6) for _ in range(3)]
     out = sp.combine(m, "w", xs)
-    assert not spy  # neither softmax_weighted_sum nor weighted_sum: simplex_weighted_sum
+    assert [name for name, _ in spy] == ["simplex_weighted_sum"]  # one fused call with the map
     assert_close(out, sum(w * x for w, x in zip(m.w, xs)))

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "../contraction.h"
+#include "capability.h"
 #include "tiles.h"
 
 namespace simplex_param {

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "../contraction.h"
@@ -74,10 +73,6 @@ struct IsaKernels {
         {ns::backward_tiles<float>, ns::backward_tiles<double>, ns::backward_tiles<c10::Half>, \
          ns::backward_tiles<c10::BFloat16>},                                                    \
   }
-
-// The instruction set the kernels run on, and those this CPU can run.
-const char* active_capability();
-std::vector<std::string> supported_capabilities();
 
 IsaKernels default_kernels();
 IsaKernels avx2_kernels();

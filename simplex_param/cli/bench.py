@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from simplex_param import MixedOp, extension_loaded, reference, softmax_weighted_sum
+from simplex_param import MixedOp, cpu_capability, extension_loaded, reference, softmax_weighted_sum
 
 from . import bench_grouped
 from .bench_grouped import GROUPED_CONTENDERS, GROUPED_SETS
@@ -358,14 +358,6 @@ def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, conte
     return report
 
 
-def _cpu_capability():
-    """The instruction set of the CPU kernels running, from
-    ``simplex_param._C.cpu_capability()`` (docs/usage.md) when that module was
-    imported (a prebuilt extension), else None."""
-    module = sys.modules.get("simplex_param._C")
-    return module.cpu_capability() if module is not None else None
-
-
 def machine_info(device):
     cpu, family, model = platform.processor() or platform.machine(), None, None
     with contextlib.suppress(OSError):
@@ -387,7 +379,7 @@ def machine_info(device):
     info = {
         "cpu": cpu,
         "last_level_cache_bytes": llc,
-        "cpu_capability": _cpu_capability(),
+        "cpu_capability": cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
