@@ -22,6 +22,20 @@ from .soup import LearnedSoup
 from .search import MixedOp, architecture_parameters, split_parameters
 from .diagnostics import entropy, summary, zero_one_loss
 from .weightlog import WeightLogger
+from .entmax import (
+    Entmax15,
+    Entmax15Loss,
+    EntmaxBisect,
+    EntmaxBisectLoss,
+    Sparsemax,
+    SparsemaxLoss,
+    entmax15,
+    entmax15_loss,
+    entmax_bisect,
+    entmax_bisect_loss,
+    sparsemax,
+    sparsemax_loss,
+)
 
 __all__ = [
     "Simplex",
@@ -49,4 +63,16 @@ __all__ = [
     "entropy",
     "zero_one_loss",
     "WeightLogger",
+    "sparsemax",
+    "entmax15",
+    "entmax_bisect",
+    "Sparsemax",
+    "Entmax15",
+    "EntmaxBisect",
+    "sparsemax_loss",
+    "entmax15_loss",
+    "entmax_bisect_loss",
+    "SparsemaxLoss",
+    "Entmax15Loss",
+    "EntmaxBisectLoss",
 ]

@@ -19,6 +19,10 @@ To add a map: one entry in :data:`MAPS` here, one in ``kMaps`` in
 ``csrc/maps.cpp``, an oracle in ``tests/test_maps.py`` and a row in
 ``docs/maps.md``. Everything else reads these registries.
 """
+import dataclasses
+import functools
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -103,13 +107,16 @@ def _alpha_tensor(alpha: Alpha, x: Tensor) -> Tensor:
     return torch.as_tensor(DEFAULT_ALPHA if alpha is None else alpha, dtype=x.dtype, device=x.device)
 
 
-def _entmax_bisect(x: Tensor, alpha: Alpha = None, n_iter: int = BISECT_ITERS) -> Tensor:
+def _entmax_bisect(x: Tensor, alpha: Alpha = None, n_iter: int = BISECT_ITERS, normalize: bool = True) -> Tensor:
     """alpha-entmax: max((alpha - 1) x - tau, 0) ** (1 / (alpha - 1)) summing
     to one, tau by bisection, in float64; the softmax where alpha is 1.
+    ``normalize=False`` leaves the last step's weights undivided by their sum
+    (they sum to one within the last bracket), as the entmax package's
+    ``ensure_sum_one=False``; the softmax rows are normalised all the same.
 
     The bracket is exact: with the row maximum at 0, tau = -1 leaves a mass
     of at least 1 and tau = -(1/K) ** (alpha - 1) at most 1. The result is
-    normalised, so the rows sum to one to rounding. The threshold is found
+    normalised (by default), so the rows sum to one to rounding. The threshold is found
     in float64 whatever the dtype: alpha = 10 or logits of 1000 randn stay
     finite and sum to one in float32. A float alpha takes the arithmetic of
     the compiled map (csrc/maps.cpp), a tensor alpha its elementwise twin."""
@@ -137,7 +144,8 @@ def _entmax_bisect(x: Tensor, alpha: Alpha = None, n_iter: int = BISECT_ITERS) -
         mid = lo + width
         p = (X - mid).clamp_min(0) ** (1 / am1)
         lo = torch.where(p.sum(-1, keepdim=True) >= 1, mid, lo)
-    p = p / p.sum(-1, keepdim=True)
+    if normalize:
+        p = p / p.sum(-1, keepdim=True)
     if isinstance(alpha, Tensor):
         p = torch.where(soft, torch.softmax(z, -1), p)
     return p.to(x.dtype)
@@ -283,24 +291,60 @@ def get(name) -> Map:
     return MAPS[checks.check_map(name, MAPS)]
 
 
-def apply(name: str, x: Tensor, alpha: Alpha = None, dim: int = -1) -> Tensor:
+def _alpha_along(alpha: Tensor, x: Tensor, dim: int) -> Tensor:
+    """A tensor `alpha` given x's number of dimensions (leading ones), after
+    checking that it broadcasts to x with size 1 along `dim`."""
+    x.size(dim)  # PyTorch's IndexError for a dim out of range
+    shape = list(x.shape)
+    shape[dim] = 1
+    if alpha.dim() > x.dim() or any(a not in (1, s) for a, s in zip(alpha.shape[::-1], shape[::-1])):
+        raise ValueError(
+            f"alpha must be broadcastable to x with size 1 along dim, got shape {list(alpha.shape)} "
+            f"for x of shape {list(x.shape)} and dim {dim}")
+    return alpha.reshape([1] * (x.dim() - alpha.dim()) + list(alpha.shape))
+
+
+def _with_options(entry: Map, n_iter, ensure_sum_one) -> Map:
+    """`entry` with the bisection's options bound into its forward."""
+    if entry.forward is not _entmax_bisect:
+        raise ValueError(f"n_iter and ensure_sum_one are options of map 'entmax_bisect' only, not of '{entry.name}'")
+    n_iter = BISECT_ITERS if n_iter is None else n_iter
+    if isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral):
+        raise TypeError(f"n_iter must be an int >= 0, got {type(n_iter).__name__}")
+    if n_iter < 0:
+        raise ValueError(f"n_iter must be an int >= 0, got {n_iter}")
+    if not isinstance(ensure_sum_one, bool):
+        raise TypeError(f"ensure_sum_one must be a bool, got {type(ensure_sum_one).__name__}")
+    forward = functools.partial(_entmax_bisect, n_iter=int(n_iter), normalize=ensure_sum_one)
+    return dataclasses.replace(entry, forward=forward)
+
+
+def apply(name: str, x: Tensor, alpha: Alpha = None, dim: int = -1, *,
+          n_iter: Optional[int] = None, ensure_sum_one: bool = True) -> Tensor:
     """The weights of map `name` along `dim` of `x` (already divided by the
     temperature), with their closed-form gradients. A tensor `alpha` is
-    broadcast against `x` with size 1 along `dim`, and gets a gradient."""
+    broadcast against `x` with size 1 along `dim`, and gets a gradient.
+    Options of map "entmax_bisect" only: `n_iter` bisection steps (default
+    :data:`BISECT_ITERS`), and ``ensure_sum_one=False`` for the last step's
+    weights undivided by their sum."""
     entry = get(name)
     alpha = checks.check_alpha(alpha, name, entry.has_alpha)
+    if n_iter is not None or ensure_sum_one is not True:
+        entry = _with_options(entry, n_iter, ensure_sum_one)
     if name == "softmax":  # along dim directly: torch's own kernel and autograd node
         return torch.softmax(x, dim)
+    if isinstance(alpha, Tensor):
+        if _can_read(alpha):
+            bad = ~((alpha >= 1) & (alpha < math.inf))  # NaN too
+            if bool(bad.any()):
+                raise checks.error("alpha_value", value=float(alpha.detach()[bad].flatten()[0]))
+        if alpha.dim() > 0:
+            alpha = _alpha_along(alpha, x, dim)
     moved = dim not in (-1, x.dim() - 1)
     if moved:
         x = x.movedim(dim, -1)
         if isinstance(alpha, Tensor) and alpha.dim() > 0:
             alpha = alpha.movedim(dim, -1)
-    if isinstance(alpha, Tensor):
-        if alpha.dim() > 0 and alpha.shape[-1] != 1:
-            raise ValueError(f"alpha must have size 1 along dim, got shape {list(alpha.shape)}")
-        if _can_read(alpha) and not bool((alpha >= 1).all()):  # NaN too
-            raise checks.error("alpha_value", value=float(alpha[~(alpha >= 1)].flatten()[0]))
     if entry.curvature is None:
         w = entry.forward(x, alpha)
     else:
