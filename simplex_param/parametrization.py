@@ -184,7 +184,9 @@ class Simplex(nn.Module):
         return f(X.movedim(self.dim, -1)).movedim(-1, self.dim)
 
     def forward(self, X: Tensor) -> Tensor:
-        Xc = X.to(acc_dtype(X.dtype)) / self.temperature  # a float, or a 0-D tensor after set_temperature
+        Xc = X.to(acc_dtype(X.dtype))
+        if not (isinstance(self.temperature, float) and self.temperature == 1.0):
+            Xc = Xc / self.temperature  # a float, or a 0-D tensor after set_temperature
         alpha = self.alpha
         if self.dim is None:
             W = maps.apply(self.map, Xc.reshape(-1), alpha).reshape(X.shape)
