@@ -87,7 +87,7 @@ def test_float64_groups_take_the_map_in_float64(device):
         assert_close(sp.grouped_softmax_weighted_sum(logits, groups, temperature=0.7)[g], expected.to(group[0].dtype))
 
 
-@pytest.mark.parametrize("map", ["softmax", "identity", "sparsemax", "entmax15"])
+@pytest.mark.parametrize("map", list(sp.maps.MAPS))
 def test_every_map(map):
     groups = make_groups(5, 3, dtypes=[torch.float32])
     logits = torch.randn(5, 3, requires_grad=True)
