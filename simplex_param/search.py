@@ -161,19 +161,22 @@ class MixedOp(nn.Module):
 
 
 def architecture_parameters(model: nn.Module) -> list:
-    """The pre-weights of every :class:`MixedOp`'s own weights in ``model``."""
-    return [
-        m.parametrizations.weight.original
-        for m in model.modules()
-        if isinstance(m, MixedOp) and parametrize.is_parametrized(m, "weight")
-    ]
+    """The pre-weights of every :class:`MixedOp`'s own weights in ``model``,
+    each followed by its map's ``alpha_pre`` when alpha is learned."""
+    params = []
+    for m in model.modules():
+        if isinstance(m, MixedOp) and parametrize.is_parametrized(m, "weight"):
+            params.append(m.parametrizations.weight.original)
+            if m.parametrizations.weight[0].learn_alpha:
+                params.append(m.parametrizations.weight[0].alpha_pre)
+    return params
 
 
 def split_parameters(model: nn.Module) -> tuple:
     r"""``(architecture, network)``: the parameters of ``model`` split in two.
 
     The architecture parameters are the pre-weights of the :class:`MixedOp`
-    layers' own weights; everything else, the candidates' weights included,
+    layers' own weights (and their learned alphas); everything else, the candidates' weights included,
     is a network weight. Each parameter is in exactly one list, once.
 
     Example::

@@ -289,3 +289,15 @@ def test_set_temperature_bad_values():
             sp.set_temperature(model, bad)
     with pytest.raises(ValueError, match="a number or a 0-D tensor"):
         sp.set_temperature(model, torch.ones(2))
+
+
+def test_a_learned_alpha_is_an_architecture_parameter():
+    model = nn.Sequential(sp.MixedOp([nn.Linear(2, 2), nn.Identity()], map="entmax_bisect", learn_alpha=True),
+                          nn.Linear(2, 1))
+    arch, net = sp.split_parameters(model)
+    simplex = model[0].parametrizations.weight[0]
+    assert [id(p) for p in arch] == [id(model[0].parametrizations.weight.original), id(simplex.alpha_pre)]
+    assert len(net) == 4
+    # alpha gets a gradient from the loss through the mixed output.
+    model(torch.randn(3, 2)).square().sum().backward()
+    assert simplex.alpha_pre.grad is not None
