@@ -110,6 +110,7 @@ setup(
         "plot": ["matplotlib"],
         "demo": ["tqdm"],
         "tensorboard": ["tensorboard"],
+        "safetensors": ["safetensors"],  # LearnedSoup members as files, save_merged
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtensionWithInfo},

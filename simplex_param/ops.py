@@ -15,7 +15,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from . import _ext, checks, fakes, maps, reference
+from . import _ext, checks, distributed, fakes, maps, reference
 
 __all__ = [
     "simplex_weighted_sum",
@@ -89,12 +89,17 @@ def _run(op: str, weights: Tensor, inputs, args: tuple, check, fallback):
     """Op `op` of the extension on (weights, inputs, *args) where it can run
     (:func:`_use_compiled`), through simplex_param._C where allowed
     (:func:`_fast_call`), else torch.ops; otherwise `check()`, then the
-    reference `fallback`."""
+    reference `fallback`. `check(weights, inputs)` checks the arguments.
+    DTensor arguments go to :func:`simplex_param.distributed.run`, which
+    calls this on each rank's local tensors."""
+    if distributed.any_dtensor(weights, inputs):
+        check(weights, inputs)  # the global shapes, dtypes and devices
+        return distributed.run(op, weights, inputs, lambda w, xs: _run(op, w, xs, args, check, fallback))
     if _use_compiled(weights, inputs):
         if _fast_call(weights, inputs):
             return getattr(_ext.MODULE, op)(weights, inputs, *args)
         return getattr(torch.ops.simplex_param, op).default(weights, inputs, *args)
-    check()
+    check(weights, inputs)
     return fallback(weights, inputs, *args)
 
 
@@ -118,7 +123,7 @@ def _mapped_weighted_sum(logits, inputs, map: str, temperature, alpha=None) -> T
         z = logits.to(reference.acc_dtype(inputs[0].dtype))
         return weighted_sum(maps.apply(map, z if temperature == 1.0 else z / temperature, alpha), inputs)
     return _run("simplex_weighted_sum", logits, inputs, (map, temperature, alpha),
-                lambda: checks.check_args(logits, inputs, "logits"), reference.simplex_weighted_sum)
+                lambda w, xs: checks.check_args(w, xs, "logits"), reference.simplex_weighted_sum)
 
 
 def simplex_weighted_sum(logits: Tensor, inputs, *, map: str = "softmax", temperature=1.0, alpha=None) -> Tensor:
@@ -217,7 +222,7 @@ def weighted_sum(weights: Tensor, inputs) -> Tensor:
     inputs = as_list(inputs)
     if not isinstance(weights, Tensor):
         raise TypeError(f"weights must be a Tensor, got {type(weights).__name__}")
-    return _run("weighted_sum", weights, inputs, (), lambda: checks.check_args(weights, inputs, "weights"),
+    return _run("weighted_sum", weights, inputs, (), lambda w, xs: checks.check_args(w, xs, "weights"),
                 reference.weighted_sum)
 
 
@@ -286,7 +291,7 @@ def grouped_weighted_sum(weights: Tensor, groups) -> list:
     """
     flat = _flatten_groups(weights, groups, "weights")
     return _run("grouped_weighted_sum", weights, flat, (),
-                lambda: checks.check_grouped_args(weights, flat, "weights"), reference.grouped_weighted_sum)
+                lambda w, xs: checks.check_grouped_args(w, xs, "weights"), reference.grouped_weighted_sum)
 
 
 def grouped_simplex_weighted_sum(logits: Tensor, groups, *, map: str = "softmax", temperature=1.0,
@@ -313,7 +318,7 @@ def grouped_simplex_weighted_sum(logits: Tensor, groups, *, map: str = "softmax"
         return grouped_weighted_sum(maps.apply(map, z if temperature == 1.0 else z / temperature, alpha),
                                     [flat[g * logits.shape[1]:(g + 1) * logits.shape[1]] for g in range(len(logits))])
     return _run("grouped_simplex_weighted_sum", logits, flat, (map, temperature, alpha),
-                lambda: checks.check_grouped_args(logits, flat, "logits"), reference.grouped_simplex_weighted_sum)
+                lambda w, xs: checks.check_grouped_args(w, xs, "logits"), reference.grouped_simplex_weighted_sum)
 
 
 def grouped_softmax_weighted_sum(logits: Tensor, groups, *, temperature=1.0) -> list:

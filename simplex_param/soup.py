@@ -9,6 +9,7 @@ are learned on held-out data, with the members frozen (Wortsman et al.,
 coefficients).
 """
 import copy
+import os
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -71,6 +72,83 @@ def _given_buffer(state: dict, key: str, like: Tensor, where: str) -> Tensor:
     if t.shape != like.shape or t.dtype != like.dtype:
         raise ValueError(f"buffers[{key!r}] has {_describe(t)}, but {_describe(like)} in {where}")
     return t.detach().clone()
+
+
+class _SafetensorsState(Mapping):
+    """The tensors of a safetensors file, read on demand: its keys, shapes
+    and dtypes from the header (meta tensors, for the checks), whole tensors
+    or row ranges from the file."""
+
+    def __init__(self, path) -> None:
+        try:
+            from safetensors import safe_open
+        except ImportError as e:
+            raise ImportError("members given as file paths need the safetensors package: "
+                              "pip install safetensors") from e
+        self.path = os.fspath(path)
+        self._open = lambda: safe_open(self.path, framework="pt", device="cpu")
+        with self._open() as f:
+            self._meta = {}
+            for key in f.keys():
+                piece = f.get_slice(key)
+                self._meta[key] = torch.empty(piece.get_shape(), dtype=_SAFETENSORS_DTYPES[piece.get_dtype()],
+                                              device="meta")
+
+    def __getitem__(self, key):
+        return self._meta[key]
+
+    def __iter__(self):
+        return iter(self._meta)
+
+    def __len__(self):
+        return len(self._meta)
+
+    def full(self, key: str) -> Tensor:
+        with self._open() as f:
+            return f.get_tensor(key)
+
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        with self._open() as f:
+            return f.get_slice(key)[start:stop]
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _full(state, key: str) -> Tensor:
+    """Whole tensor `key` of a state_dict or of a safetensors file."""
+    return state.full(key) if isinstance(state, _SafetensorsState) else state[key]
+
+
+class _SoupGrad(torch.autograd.Function):
+    """Joins the soup's weights to the graph of a sharded forward, through
+    the template's input: its backward runs once every layer's gradient is
+    in, after FSDP2's reduce-scatter (registered on that input) has left
+    each rank the mean gradient of its shard of every parameter. The
+    weights' gradient is then the local dot products (the grouped op's
+    backward on the local shards), all-reduced once: ``(G, K)`` values."""
+
+    @staticmethod
+    def forward(ctx, w, x, state):
+        ctx.state = state
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        leaf, outs, params, mesh = ctx.state
+        ctx.state = None
+        grads = []
+        for p, out in zip(params, outs):
+            g = p.grad
+            grads.append(torch.zeros_like(out) if g is None else g.to_local().to(out.dtype))
+            p.grad = None  # the template's gradients are the soup's business only
+        (d,) = torch.autograd.grad(outs, leaf, grads)
+        torch.distributed.all_reduce(d, group=mesh.get_group())
+        return d, grad_x, None
 
 
 class LearnedSoup(nn.Module):
@@ -151,6 +229,7 @@ class LearnedSoup(nn.Module):
         dtype: Optional[torch.dtype] = None,
         buffers="mix",
         output_scale: bool = False,
+        mesh=None,
     ) -> None:
         super().__init__()
         if not isinstance(output_scale, bool):
@@ -160,7 +239,8 @@ class LearnedSoup(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         if isinstance(members, (nn.Module, Mapping, str, bytes)) or not isinstance(members, Sequence):
-            raise TypeError(f"members must be a sequence of modules or of state_dicts, got {type(members).__name__}")
+            raise TypeError("members must be a sequence of modules, of state_dicts or of safetensors paths, "
+                            f"got {type(members).__name__}")
         K = len(members)
         if K < 1:
             raise ValueError("members must contain at least one model")
@@ -171,8 +251,12 @@ class LearnedSoup(nn.Module):
             if template is None:
                 raise TypeError("template is required when members are state_dicts: the module they are state_dicts of")
             states = [dict(m) for m in members]
+        elif all(isinstance(m, (str, os.PathLike)) for m in members):
+            if template is None:
+                raise TypeError("template is required when members are safetensors files: the module they hold")
+            states = [_SafetensorsState(m) for m in members]
         else:
-            raise TypeError("members must be all modules or all state_dicts, not a mix")
+            raise TypeError("members must be all modules, all state_dicts or all safetensors paths, not a mix")
         if not isinstance(template, nn.Module):
             raise TypeError(f"template must be an nn.Module, got {type(template).__name__}")
         mix_buffers = isinstance(buffers, str) and buffers == "mix"
@@ -226,9 +310,16 @@ class LearnedSoup(nn.Module):
         source = buffers if isinstance(buffers, int) and not isinstance(buffers, bool) else 0
         # Plain attributes, not buffers: not in state_dict, not synchronised
         # by DistributedDataParallel; moved by _apply.
-        self._members = [[self._store(states[k][key], dtype) for k in range(K)] for key in self._mixed_keys]
+        self._mesh = mesh
+        sharded, rows = None, {key: None for key in self._mixed_keys}  # the rows of dim 0 this rank keeps
+        if mesh is not None:
+            sharded, param_rows = self._shard_template(template, mesh, params)
+            rows.update(param_rows)  # buffers stay whole: FSDP2 does not shard them
+        # Not a submodule either: its sharded parameters are no parameters of the soup.
+        object.__setattr__(self, "_sharded", sharded)
+        self._members = [[self._load(states[k], key, rows[key], dtype) for k in range(K)] for key in self._mixed_keys]
         # Copies (small): a module in train mode updates buffers in place.
-        self._fixed = {key: states[source][key].detach().clone() for key in self._fixed_keys}
+        self._fixed = {key: _full(states[source], key).detach().clone() for key in self._fixed_keys}
         if buffer_state is not None:
             # The given model's buffers, as they are (the recipe's base model's).
             for key in self._fixed_keys:
@@ -261,9 +352,47 @@ class LearnedSoup(nn.Module):
             nn.init.ones_(self.beta)
 
     @staticmethod
-    def _store(t: Tensor, dtype) -> Tensor:
-        t = t.detach()
-        return t if dtype is None else t.to(dtype)
+    def _load(state, key: str, rows, dtype) -> Tensor:
+        """Member tensor `key`: whole (no copy unless `dtype` asks for one),
+        or only the rows `rows` of dim 0 (a copy, so the whole can be freed;
+        read alone from a safetensors file)."""
+        if rows is None:
+            t = _full(state, key).detach()
+            return t if dtype is None else t.to(dtype)
+        start, stop = rows
+        if isinstance(state, _SafetensorsState):
+            t = state.rows(key, start, stop)
+        else:
+            t = state[key].detach()[start:stop]
+        return t.to(dtype) if dtype is not None else t.clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def _shard_template(template: nn.Module, mesh, params: list):
+        """The template's skeleton sharded by FSDP2 (``fully_shard``) on
+        `mesh`, its storage allocated on the CPU, and for each parameter the
+        rows ``(start, stop)`` of dim 0 that this rank's shard holds."""
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if mesh.ndim != 1:
+            raise ValueError(f"mesh must be a 1-D device mesh, got {mesh.ndim} dimensions")
+        sharded = _skeleton(template)
+        fully_shard(sharded, mesh=mesh)
+        sharded.to_empty(device=mesh.device_type)
+        named = dict(sharded.named_parameters())
+        rows = {}
+        for key in params:
+            p = named[key]
+            shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
+            rows[key] = (offset[0], offset[0] + shape[0]) if len(shape) else None
+        for key, p in named.items():
+            p.requires_grad_(True)
+        return sharded, rows
+
+    def member_nbytes(self) -> int:
+        """The bytes of member storage this rank holds (every member's mixed
+        tensors; with a mesh, their local shards)."""
+        return sum(t.numel() * t.element_size() for group in self._members for t in group)
 
     @property
     def temperature(self) -> float:
@@ -285,6 +414,8 @@ class LearnedSoup(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self._template.train(mode)
+        if getattr(self, "_sharded", None) is not None:
+            self._sharded.train(mode)
         return self
 
     def _apply(self, fn, recurse=True):
@@ -315,7 +446,10 @@ class LearnedSoup(nn.Module):
         return tensors
 
     def forward(self, *args, **kwargs):
-        out = torch.func.functional_call(self._template, self.mixed(), args, kwargs)
+        if self._sharded is not None:
+            out = self._sharded_forward(args, kwargs)
+        else:
+            out = torch.func.functional_call(self._template, self.mixed(), args, kwargs)
         if self.beta is None:
             return out
         if not isinstance(out, Tensor):
@@ -325,6 +459,47 @@ class LearnedSoup(nn.Module):
             )
         return self.beta * out
 
+    def _rows(self):
+        """The weights of the parameters' rows (differentiable) and of every
+        mixed tensor's (the buffers' detached)."""
+        w = self.weight
+        if self.granularity == "model":
+            w = w.expand(len(self._param_keys), self.num_members)
+        if not self._buffer_rows:
+            return w, w
+        rows = torch.cat([w, w.mean(0, keepdim=True)]).detach()
+        return w, torch.cat([w, rows[self._buffer_rows]])
+
+    def _sharded_forward(self, args, kwargs):
+        """FSDP2's forward of the sharded template on this rank's mixes: one
+        grouped call mixes the local shards, which are written into the
+        template's shards; FSDP2 all-gathers them layer by layer. The weights'
+        gradient is taken after FSDP2's reduce-scatter (see _SoupGrad)."""
+        w, all_rows = self._rows()
+        G = len(self._param_keys)
+        leaf = w.detach().requires_grad_(w.requires_grad)
+        weights = torch.cat([leaf, all_rows[G:].detach()]) if len(all_rows) > G else leaf
+        with torch.enable_grad():
+            outs = ops.grouped_weighted_sum(weights, self._members)
+        named = dict(self._sharded.named_parameters())
+        buffers = dict(self._sharded.named_buffers())
+        with torch.no_grad():
+            for g, key in enumerate(self._mixed_keys):
+                target = named[key].to_local() if g < G else buffers[key]
+                target.copy_(outs[g])
+            for key, t in self._fixed.items():
+                buffers[key].copy_(t)
+        flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        at = next((i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.is_floating_point()), None)
+        if w.requires_grad and torch.is_grad_enabled():
+            if at is None:
+                raise TypeError("with a mesh, the template's forward must take a floating tensor argument: "
+                                "the weights' gradient is joined to the graph through it")
+            params = [named[key] for key in self._param_keys]
+            flat[at] = _SoupGrad.apply(w, flat[at], (leaf, outs[:G], params, self._mesh))
+            args, kwargs = torch.utils._pytree.tree_unflatten(flat, spec)
+        return self._sharded(*args, **kwargs)
+
     @torch.no_grad()
     def merged_state_dict(self) -> dict:
         """The final soup as a plain state_dict of the template: loaded into
@@ -332,5 +507,73 @@ class LearnedSoup(nn.Module):
         ``output_scale=True`` the soup's output is ``soup.beta`` times the
         template's: ``beta`` is not in this state_dict (the template has no
         place for it); read it from ``soup.beta``."""
+        if self._sharded is not None:
+            return {key: t for key, t in self._merged_items()}
         tensors = self.mixed()
         return {key: tensors[self._canonical[key]].detach().clone() for key in self._keys}
+
+    @torch.no_grad()
+    def save_merged(self, path) -> None:
+        """Writes the merged model (:meth:`merged_state_dict`) to the
+        safetensors file `path`, one tensor at a time: with a mesh, each
+        tensor is mixed from the local shards and all-gathered, written by
+        rank 0 and dropped, so no rank holds more than one full tensor (every
+        rank must call it). ``template.load_state_dict(safetensors.torch.load_file(path))``
+        loads it."""
+        import json
+
+        rank0 = self._sharded is None or torch.distributed.get_rank(self._mesh.get_group()) == 0
+        # The header first: every shape and dtype is known without mixing.
+        header, offset, dtypes = {}, 0, {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+        named = dict(self._sharded.named_parameters()) if self._sharded is not None else {}
+        for key in self._keys:
+            canon = self._canonical[key]
+            if canon in self._fixed:
+                shape, dtype = self._fixed[canon].shape, self._fixed[canon].dtype
+            elif canon in named:
+                shape, dtype = named[canon].shape, self._template_dtypes[canon]
+            else:
+                shape, dtype = self._members[self._mixed_keys.index(canon)][0].shape, self._template_dtypes[canon]
+            if dtype not in dtypes:
+                raise TypeError(f"save_merged: safetensors has no dtype {dtype} (key {key!r})")
+            size = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+            header[key] = {"dtype": dtypes[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        f = open(path, "wb") if rank0 else None
+        try:
+            if rank0:
+                f.write(len(text).to_bytes(8, "little") + text)
+            for key in self._keys:  # a tied tensor is mixed again under each of its keys
+                t = self._merged_one(self._canonical[key])
+                if rank0 and t.numel():
+                    f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                del t
+        finally:
+            if f is not None:
+                f.close()
+
+    @torch.no_grad()
+    def _merged_one(self, key: str) -> Tensor:
+        """The merged tensor `key` (a canonical key), whole."""
+        if key in self._fixed:
+            return self._fixed[key].clone()
+        _, all_rows = self._rows()
+        g = self._mixed_keys.index(key)
+        out = ops.grouped_weighted_sum(all_rows[g:g + 1].detach(), [self._members[g]])[0]
+        out = out.to(self._template_dtypes[key])
+        if self._sharded is not None and g < len(self._param_keys):
+            from torch.distributed.tensor import DTensor, Shard
+
+            p = dict(self._sharded.named_parameters())[key]
+            out = DTensor.from_local(out, self._mesh, [Shard(0)], run_check=False, shape=p.shape,
+                                     stride=p.stride()).full_tensor()
+        return out
+
+    @torch.no_grad()
+    def _merged_items(self):
+        """The merged tensors one at a time, in the template's key order
+        (with a mesh, each all-gathered in turn)."""
+        for key in self._keys:
+            yield key, self._merged_one(self._canonical[key])
