@@ -36,6 +36,7 @@ from .entmax import (
     sparsemax,
     sparsemax_loss,
 )
+from .sinkhorn import Birkhoff, sinkhorn
 
 __all__ = [
     "Simplex",
@@ -75,4 +76,6 @@ __all__ = [
     "SparsemaxLoss",
     "Entmax15Loss",
     "EntmaxBisectLoss",
+    "sinkhorn",
+    "Birkhoff",
 ]
