@@ -10,6 +10,7 @@ from .ops import (
     grouped_simplex_weighted_sum,
     grouped_softmax_weighted_sum,
     grouped_weighted_sum,
+    mix,
     simplex_weighted_sum,
     softmax_weighted_sum,
     weighted_sum,
@@ -37,6 +38,7 @@ from .entmax import (
     sparsemax_loss,
 )
 from .sinkhorn import Birkhoff, sinkhorn
+from .hyper_connections import HyperConnections
 
 __all__ = [
     "Simplex",
@@ -78,4 +80,6 @@ __all__ = [
     "EntmaxBisectLoss",
     "sinkhorn",
     "Birkhoff",
+    "mix",
+    "HyperConnections",
 ]
