@@ -110,6 +110,24 @@ def _implicit_vjp(x: Tensor, p: Tensor, g: Tensor, eps: float) -> Tensor:
     return s * (g_a - (s * g_a).sum(-1, keepdim=True))
 
 
+def _implicit_jvp(x: Tensor, p: Tensor, t: Tensor, eps: float) -> Tensor:
+    """The tangent of the fixed point for a tangent `t` of the logits: the
+    same system as :func:`_implicit_vjp`, forwards: ``dL = dA / A`` with ``dA``
+    the softmax's tangent, ``[df; dh]`` from ``(I - P^T P) dh = P^T r - c``,
+    ``df = -r - P dh`` (``r``, ``c`` the row and column sums of ``P * dL``),
+    and ``dP = P * (dL + df 1^T + 1 dh^T)``."""
+    n = p.shape[-1]
+    s = torch.softmax(x, -1)
+    dl = s * (t - (s * t).sum(-1, keepdim=True)) / (s + eps)
+    q = p * dl
+    r, c = q.sum(-1), q.sum(-2)
+    pt = p.mT
+    eye = torch.eye(n, dtype=p.dtype, device=p.device)
+    dh = torch.linalg.solve(eye - pt @ p + 1.0 / n, ((pt @ r.unsqueeze(-1)).squeeze(-1) - c).unsqueeze(-1))
+    df = -r.unsqueeze(-1) - p @ dh
+    return p * (dl + df + dh.mT)
+
+
 class _Implicit(torch.autograd.Function):
     """Saves the logits and the output; the backward solves the adjoint system."""
 
@@ -124,11 +142,22 @@ class _Implicit(torch.autograd.Function):
         x, _, eps = inputs
         ctx.eps = eps
         ctx.save_for_backward(x, output)
+        ctx.save_for_forward(x, output)
 
     @staticmethod
     def backward(ctx, g):
         x, p = ctx.saved_tensors
         return _implicit_vjp(x, p, g, ctx.eps), None, None
+
+
+class _ImplicitJvp(_Implicit):
+    """With forward mode (jvp), which torch.compile cannot trace: under
+    torch.func transforms and forward-mode AD (as maps.py does)."""
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        x, p = ctx.saved_tensors
+        return _implicit_jvp(x, p, x_t, ctx.eps)
 
 
 def _check(logits, iters, eps, backward) -> None:
@@ -178,7 +207,8 @@ def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6, backward: st
             approximate to the forward's convergence).
 
     Under ``torch.func`` transforms and forward-mode AD, ``"recompute"`` runs
-    as ``"unroll"`` (the same values and gradients).
+    as ``"unroll"`` (the same values and gradients); ``"implicit"``'s
+    forward-mode derivative is the fixed point's too.
 
     Example::
 
@@ -201,7 +231,7 @@ def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6, backward: st
         else:
             y = _Recompute.apply(x, iters, eps)
     else:
-        y = _Implicit.apply(x, iters, eps)
+        y = (_ImplicitJvp if _transforms_active() else _Implicit).apply(x, iters, eps)
     return y.to(logits.dtype)
 
 

@@ -233,3 +233,16 @@ def test_birkhoff_summary_reports_row_and_column_deviation():
     assert record.row_error == pytest.approx(float((w.sum(-1) - 1).abs().max()))
     assert record.col_error == pytest.approx(float((w.sum(-2) - 1).abs().max()))
     assert "rows" in str(sp.summary(m)) and "cols" in str(sp.summary(m))
+
+
+def test_implicit_forward_mode_is_the_converged_derivative():
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 4, dtype=torch.float64)
+    t = torch.randn(3, 4, 4, dtype=torch.float64)
+    _, want = torch.func.jvp(lambda z: oracle(z, 300, 0.0), (x,), (t,))
+    with fwAD.dual_level():
+        y = sp.sinkhorn(fwAD.make_dual(x.clone().requires_grad_(), t), iters=300, eps=0.0, backward="implicit")
+        got = fwAD.unpack_dual(y).tangent
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
