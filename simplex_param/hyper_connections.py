@@ -78,9 +78,11 @@ class HyperConnections(nn.Module):
         if sinkhorn_backward not in BACKWARDS:
             raise ValueError(f"HyperConnections: sinkhorn_backward must be one of "
                              f"{', '.join(map(repr, BACKWARDS))}, got {sinkhorn_backward!r}")
-        sinkhorn(torch.zeros(1, 1), iters=sinkhorn_iters, eps=sinkhorn_eps)  # checks them
-        for name, v in (("rms_eps", rms_eps), ("pre_eps", pre_eps), ("post_mult", post_mult)):
-            if not 0.0 <= float(v) < math.inf:
+        if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
+            raise ValueError(f"HyperConnections: sinkhorn_iters must be an int >= 1, got {sinkhorn_iters!r}")
+        for name, v in (("rms_eps", rms_eps), ("pre_eps", pre_eps), ("sinkhorn_eps", sinkhorn_eps),
+                        ("post_mult", post_mult)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < math.inf:
                 raise ValueError(f"HyperConnections: {name} must be a finite float >= 0, got {v!r}")
         self.n, self.dim = n, dim
         self.sinkhorn_iters = int(sinkhorn_iters)

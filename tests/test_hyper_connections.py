@@ -220,3 +220,14 @@ def test_mix_errors():
         sp.mix(torch.ones(2, 3), [torch.ones(2)] * 2)
     with pytest.raises(ValueError, match="must be a prefix of the inputs' shape"):
         sp.mix(torch.ones(4, 2, 3), [torch.ones(5, 2)] * 3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sinkhorn_iters=0), "sinkhorn_iters must be an int >= 1"),
+    (dict(sinkhorn_eps=-1.0), "sinkhorn_eps must be a finite float >= 0"),
+    (dict(rms_eps=float("nan")), "rms_eps must be a finite float >= 0"),
+    (dict(sinkhorn_backward="adjoint"), "sinkhorn_backward must be one of"),
+])
+def test_constructor_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sp.HyperConnections(4, 8, **kwargs)
