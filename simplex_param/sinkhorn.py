@@ -225,8 +225,10 @@ def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6, backward: st
         if _transforms_active():
             y = _forward(x, iters, eps)
         elif torch.compiler.is_compiling():
-            # Dynamo cannot trace autograd.grad inside a Function's backward:
-            # the same recomputation as activation checkpointing.
+            # Dynamo breaks the graph at autograd.grad inside a Function's
+            # backward (torch._dynamo.config.trace_autograd_ops is False by
+            # default), so fullgraph=True would fail: the same recomputation
+            # as activation checkpointing instead.
             y = torch.utils.checkpoint.checkpoint(_forward, x, iters, eps, use_reentrant=False)
         else:
             y = _Recompute.apply(x, iters, eps)
