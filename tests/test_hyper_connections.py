@@ -142,7 +142,16 @@ def test_compile_fullgraph():
     layer = nn.Linear(16, 16)
     wrapped = hc.wrap(layer)
     compiled = torch.compile(wrapped, fullgraph=True)
-    torch.testing.assert_close(compiled(residual), wrapped(residual), atol=1e-5, rtol=1e-5)
+    r1, r2 = residual.clone().requires_grad_(), residual.clone().requires_grad_()
+    out = compiled(r1)
+    torch.testing.assert_close(out, wrapped(r2), atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    got = [r1.grad] + [p.grad.clone() for p in wrapped.parameters()]
+    wrapped.zero_grad()
+    wrapped(r2).square().sum().backward()
+    want = [r2.grad] + [p.grad for p in wrapped.parameters()]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
 def test_shape_errors():
