@@ -167,6 +167,12 @@ def _simplex_weights(model: nn.Module):
             yield f"{path}{tensor_name}", m, simplex[-1], w
 
 
+def sum_errors(w: Tensor) -> dict:
+    """``row_error`` and ``col_error`` of doubly stochastic matrices `w`
+    (float64): the largest ``|row sum - 1|`` and ``|column sum - 1|``."""
+    return {"row_error": float((w.sum(-1) - 1).abs().max()), "col_error": float((w.sum(-2) - 1).abs().max())}
+
+
 def summary(model: nn.Module) -> WeightSummary:
     r"""Every simplex weight in ``model``: Simplex-parametrized tensors, fusion
     layers, ScalarMix, WeightedLayerSum and MixedOp layers, one :class:`WeightRecord` each,
@@ -203,7 +209,6 @@ def summary(model: nn.Module) -> WeightSummary:
                 entropy=h,
                 effective_k=math.exp(h),
                 support=float((w > 0).sum(-1).double().mean()),
-                row_error=float((w.sum(-1) - 1).abs().max()) if birkhoff else None,
-                col_error=float((w.sum(-2) - 1).abs().max()) if birkhoff else None,
+                **(sum_errors(w) if birkhoff else {}),
             ))
     return records

@@ -246,3 +246,15 @@ def test_implicit_forward_mode_is_the_converged_derivative():
         y = sp.sinkhorn(fwAD.make_dual(x.clone().requires_grad_(), t), iters=300, eps=0.0, backward="implicit")
         got = fwAD.unpack_dual(y).tangent
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_birkhoff_weight_logger_csv_reads_back_equal(tmp_path):
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 4, bias=False)
+    parametrize.register_parametrization(m, "weight", sp.Birkhoff(iters=3))
+    logger = sp.WeightLogger(m, csv=tmp_path / "w.csv")
+    with torch.no_grad():
+        m.parametrizations.weight.original.add_(torch.randn(4, 4))
+    logger.step()
+    assert logger.history[-1][1][0].row_error is not None
+    assert sp.WeightLogger.read_csv(tmp_path / "w.csv") == logger.history
