@@ -10,6 +10,7 @@ from .ops import (
     grouped_simplex_weighted_sum,
     grouped_softmax_weighted_sum,
     grouped_weighted_sum,
+    mix,
     simplex_weighted_sum,
     softmax_weighted_sum,
     weighted_sum,
@@ -36,6 +37,8 @@ from .entmax import (
     sparsemax,
     sparsemax_loss,
 )
+from .sinkhorn import Birkhoff, sinkhorn
+from .hyper_connections import HyperConnections
 
 __all__ = [
     "Simplex",
@@ -75,4 +78,8 @@ __all__ = [
     "SparsemaxLoss",
     "Entmax15Loss",
     "EntmaxBisectLoss",
+    "sinkhorn",
+    "Birkhoff",
+    "mix",
+    "HyperConnections",
 ]

@@ -8,6 +8,7 @@ and the support is the number of nonzero weights.
 """
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,7 @@ from torch.nn.utils import parametrize
 
 from .layers import ScalarMix, WeightedLayerSum
 from .parametrization import Simplex
+from .sinkhorn import Birkhoff
 
 __all__ = ["WeightRecord", "WeightSummary", "summary", "entropy", "zero_one_loss"]
 
@@ -102,6 +104,9 @@ class WeightRecord:
     entropy: float  # mean over the vectors
     effective_k: float  # exp(entropy)
     support: float  # mean number of nonzero weights per vector
+    # Birkhoff (doubly stochastic) tensors only: the largest |row sum - 1| and |column sum - 1|.
+    row_error: Optional[float] = None
+    col_error: Optional[float] = None
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, WeightRecord):
@@ -120,7 +125,7 @@ class WeightRecord:
 
 def _fields(record: WeightRecord) -> tuple:
     return (record.name, record.kind, record.map, record.temperature, record.weights, record.entropy,
-            record.effective_k, record.support)
+            record.effective_k, record.support, record.row_error, record.col_error)
 
 
 class WeightSummary(list):
@@ -133,6 +138,8 @@ class WeightSummary(list):
             lines.append(
                 f"{r.name:<28}{r.kind:<18}{r.map:<11}{r.temperature:>6.3g}{r.weights.shape[-1]:>5}"
                 f"{r.entropy:>9.3f}{r.effective_k:>8.2f}{r.support:>9.2f}  {r.top()}"
+                + (f"  rows |sum-1|<={r.row_error:.1e} cols |sum-1|<={r.col_error:.1e}"
+                   if r.row_error is not None else "")
             )
         return "\n".join(lines)
 
@@ -148,13 +155,22 @@ def _simplex_weights(model: nn.Module):
         if not parametrize.is_parametrized(m):
             continue
         for tensor_name, plist in m.parametrizations.items():
-            simplex = [p for p in plist if isinstance(p, Simplex)]
+            simplex = [p for p in plist if isinstance(p, (Simplex, Birkhoff))]
             if not simplex:
                 continue
             w = getattr(m, tensor_name)
+            if isinstance(simplex[-1], Birkhoff):  # doubly stochastic: its rows are the vectors
+                yield f"{path}{tensor_name}", m, simplex[-1], w
+                continue
             dim = simplex[-1].dim
             w = w.reshape(-1) if dim is None else w.movedim(dim, -1)
             yield f"{path}{tensor_name}", m, simplex[-1], w
+
+
+def sum_errors(w: Tensor) -> dict:
+    """``row_error`` and ``col_error`` of doubly stochastic matrices `w`
+    (float64): the largest ``|row sum - 1|`` and ``|column sum - 1|``."""
+    return {"row_error": float((w.sum(-1) - 1).abs().max()), "col_error": float((w.sum(-2) - 1).abs().max())}
 
 
 def summary(model: nn.Module) -> WeightSummary:
@@ -162,6 +178,10 @@ def summary(model: nn.Module) -> WeightSummary:
     layers, ScalarMix, WeightedLayerSum and MixedOp layers, one :class:`WeightRecord` each,
     with the name, the map, the temperature, the weights, the entropy, the
     effective K and the support size. Print it for a table.
+
+    Birkhoff-parametrized (doubly stochastic) tensors are listed too, as their
+    rows (map ``"sinkhorn"``), with ``row_error`` and ``col_error``: the largest
+    deviation of a row sum and of a column sum from 1.
 
     Example::
 
@@ -176,16 +196,19 @@ def summary(model: nn.Module) -> WeightSummary:
             w = w.detach().double().cpu()
             # The library's layer that holds the weights (a soup, a fusion
             # layer, ...), or "Simplex" for a parametrized tensor of any other module.
-            kind = next((c.__name__ for c in type(m).__mro__ if c.__module__.startswith("simplex_param.")), "Simplex")
+            birkhoff = isinstance(simplex, Birkhoff)
+            kind = next((c.__name__ for c in type(m).__mro__ if c.__module__.startswith("simplex_param.")),
+                        "Birkhoff" if birkhoff else "Simplex")
             h = float(_mean_entropy(w))
             records.append(WeightRecord(
                 name=name,
                 kind=kind,
-                map=simplex.map if simplex is not None else "softmax",
-                temperature=float(simplex.temperature) if simplex is not None else 1.0,
+                map="sinkhorn" if birkhoff else simplex.map if simplex is not None else "softmax",
+                temperature=1.0 if birkhoff or simplex is None else float(simplex.temperature),
                 weights=w,
                 entropy=h,
                 effective_k=math.exp(h),
                 support=float((w > 0).sum(-1).double().mean()),
+                **(sum_errors(w) if birkhoff else {}),
             ))
     return records

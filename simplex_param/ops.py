@@ -24,6 +24,7 @@ __all__ = [
     "grouped_weighted_sum",
     "grouped_simplex_weighted_sum",
     "grouped_softmax_weighted_sum",
+    "mix",
 ]
 
 # Every op of the library (csrc/simplex_param.cpp).
@@ -352,3 +353,66 @@ def _kernel_devices() -> dict:
 if _ext.extension_loaded():
     fakes.register()
 _KERNEL_DEVICES = _kernel_devices()
+
+
+def mix(weights: Tensor, inputs) -> Tensor:
+    r"""The K-to-M contraction: M weighted sums of the same K inputs, stacked.
+
+    ``out[*p, m, *t] = sum_k weights[*p, m, k] * inputs[k][*p, *t]``
+
+    Args:
+        weights (Tensor): ``(M, K)``, one matrix for every element, or
+            ``(*P, M, K)``, one matrix per row (a token, a sample), where
+            ``P`` is a leading prefix of the inputs' shape ``(*P, *rest)``;
+            any floating dtype and any real values.
+        inputs (iterable of Tensor, or Tensor): K tensors of one shape, dtype
+            and device, or one tensor stacked along dim 0.
+
+    Returns:
+        Tensor of shape ``(*P, M, *rest)`` (the M outputs stacked right after
+        the rows' dimensions; ``(M, *rest)`` for ``(M, K)`` weights) and the
+        inputs' dtype, accumulated in float32 (float64 for float64 inputs).
+        For a shared matrix and outputs stacked per token, pass
+        ``weights.expand(*P, M, K)``. With ``M = 1``, ``out[..., 0, :]`` is
+        :func:`weighted_sum` of ``weights[..., 0, :]``.
+
+    This is the post-mix of hyper-connections (``docs/hyper_connections.md``):
+    ``n + 1`` inputs (the layer's output and the ``n`` streams) to ``n``
+    streams per token. It is composed of PyTorch ops (one multiply-add per
+    input, each input read once), so autograd, ``torch.func`` and
+    ``torch.compile`` see through it; a fused kernel is not written yet.
+
+    Example::
+
+        >>> w = torch.tensor([[1.0, 0.0], [0.5, 0.5]])  # M = 2 outputs of K = 2 inputs
+        >>> sp.mix(w, [torch.tensor([2.0, 4.0]), torch.tensor([0.0, 2.0])])
+        tensor([[2., 4.],
+                [1., 3.]])
+    """
+    inputs = as_list(inputs)
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"mix: weights must be a Tensor, got {type(weights).__name__}")
+    if not weights.dtype.is_floating_point:
+        raise TypeError(f"mix: weights must be a floating tensor, got {weights.dtype}")
+    if weights.dim() < 2:
+        raise ValueError(f"mix: weights must have shape (M, K) or (*P, M, K), got {list(weights.shape)}")
+    checks.check_inputs(inputs, "inputs")
+    if weights.shape[-1] != len(inputs):
+        raise ValueError(f"mix: weights has K = {weights.shape[-1]} columns (its last dimension) but "
+                         f"{len(inputs)} inputs were given")
+    x0 = inputs[0]
+    prefix = tuple(weights.shape[:-2])
+    if len(prefix) > x0.dim() or tuple(x0.shape[:len(prefix)]) != prefix:
+        raise ValueError(f"mix: the leading dimensions {list(prefix)} of weights {list(weights.shape)} must "
+                         f"be a prefix of the inputs' shape {list(x0.shape)}")
+    if weights.device != x0.device:
+        raise ValueError(f"mix: weights are on {weights.device} but inputs[0] is on {x0.device}")
+    acc = reference.acc_dtype(x0.dtype)
+    lead, rest = len(prefix), x0.dim() - len(prefix)
+    w = weights.to(acc)
+    w = w.reshape(*w.shape, *([1] * rest))  # (*P, M, K, 1, ...)
+    kdim = -1 - rest
+    out = w.select(kdim, 0) * x0.to(acc).unsqueeze(lead)  # (*P, M, 1, ...) * (*P, 1, *rest)
+    for k in range(1, len(inputs)):
+        out = out + w.select(kdim, k) * inputs[k].to(acc).unsqueeze(lead)
+    return out.to(x0.dtype)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .diagnostics import WeightRecord, WeightSummary, summary
+from .diagnostics import WeightRecord, WeightSummary, sum_errors, summary
 
 __all__ = ["WeightLogger"]
 
@@ -168,6 +168,8 @@ class WeightLogger:
                 record = WeightRecord(
                     name=name, kind=kind, map=map_, temperature=float(temperature), weights=values,
                     entropy=float(entropy), effective_k=float(effective_k), support=float(support),
+                    # A Birkhoff tensor's sum errors, from its weights, read back to the last bit.
+                    **(sum_errors(values) if map_ == "sinkhorn" else {}),
                 )
                 if not history or history[-1][0] != int(step):
                     history.append((int(step), WeightSummary()))

@@ -154,3 +154,39 @@ def test_grouped_sets_and_one_grouped_run():
     assert r["moved_bytes"] == 2 * 9 * r["numel"] * 4
     for entry in r["contenders"].values():
         assert entry["time_s"] > 0 and entry["peak_mixed"] > 0
+
+
+def test_mhc_contenders_agree():
+    """ours and the eager reference compute the same values on each mHC case."""
+    from simplex_param.cli import bench_mhc
+
+    for name in bench_mhc.MHC_SETS:
+        fns, args, _, _, _ = bench_mhc._make(name, torch.float32, torch.device("cpu"), False,
+                                             torch.Generator().manual_seed(0), dict(tokens=8, C=16))
+        ours, eager = fns["ours"](*args), fns["eager"](*args)
+        for a, b in zip(ours if isinstance(ours, tuple) else [ours], eager if isinstance(eager, tuple) else [eager]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sinkhorn", "mhc-pre", "mhc-post"])
+def test_one_mhc_run(name):
+    from simplex_param.cli import bench_mhc
+
+    assert bench_mhc.SIZES["sinkhorn"] == dict(tokens=32768)
+    assert bench_mhc.SIZES["mhc-pre"] == bench_mhc.SIZES["mhc-post"] == dict(tokens=4096, C=2048)
+    lines = []
+    r = bench_mhc.run_mhc(name, torch.bfloat16, "fwd+bwd", ("ours", "eager"), repeats=1,
+                          device=torch.device("cpu"), target_s=0.001, log=lines.append, sizes=dict(tokens=32, C=64))
+    assert r["case"] == name and r["n"] == 4 and r["tokens"] == 32 and set(r["contenders"]) == {"ours", "eager"}
+    for entry in r["contenders"].values():
+        assert entry["time_s"] > 0 and entry["ratio"] > 0
+    assert len(lines) == 1 and lines[0].startswith(name)
+
+
+def test_bench_mhc_case_from_the_command_line(monkeypatch, capsys):
+    from simplex_param.cli import bench_mhc
+
+    monkeypatch.setitem(bench_mhc.SIZES, "sinkhorn", dict(tokens=64))
+    assert bench.main(["--cases", "sinkhorn", "--repeats", "1", "--mhc-contenders", "ours", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "mHC case" in out and out.count("\nsinkhorn ") == 4  # 2 dtypes x 2 modes

@@ -28,7 +28,8 @@ def test_markdown_example_runs(code):
 
 MODULES = [
     "simplex_param.ops", "simplex_param.parametrization", "simplex_param.layers", "simplex_param.gumbel",
-    "simplex_param.search", "simplex_param.diagnostics", "simplex_param.soup",
+    "simplex_param.search", "simplex_param.diagnostics", "simplex_param.soup", "simplex_param.sinkhorn",
+    "simplex_param.hyper_connections",
 ]
 
 

@@ -34,8 +34,9 @@ import torch
 
 from simplex_param import MixedOp, cpu_capability, extension_loaded, reference, softmax_weighted_sum
 
-from . import bench_grouped
+from . import bench_grouped, bench_mhc
 from .bench_grouped import GROUPED_CONTENDERS, GROUPED_SETS
+from .bench_mhc import MHC_CONTENDERS, MHC_SETS
 from .timing import median_times, peak_extra_bytes, sync
 
 __all__ = ["main", "add_arguments", "run", "run_benchmark"]
@@ -326,9 +327,11 @@ def _no_grad(step):
 
 
 def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, contenders=CONTENDERS,
-        repeats=15, device="cpu", target_s=0.01, log=None, grouped_contenders=GROUPED_CONTENDERS):
+        repeats=15, device="cpu", target_s=0.01, log=None, grouped_contenders=GROUPED_CONTENDERS,
+        mhc_contenders=MHC_CONTENDERS):
     """Runs the benchmark; returns the JSON-ready report. `cases` names cases
-    of CASES, "overhead", "search-cell" and the grouped sets (default: all of them)."""
+    of CASES, "overhead", "search-cell", the grouped sets and the mHC cases
+    (default: all of them)."""
     device = torch.device(device)
     selected = [c for c in CASES if cases is None or c.name in cases]
     report = {"machine": machine_info(device), "repeats": repeats, "results": []}
@@ -352,6 +355,16 @@ def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, conte
             bench_grouped.run_grouped(name, DTYPES[dt], mode, tuple(grouped_contenders), repeats, device, target_s,
                                       log)
             for name in grouped
+            for dt in dtypes
+            for mode in modes
+        ]
+    mhc = [name for name in MHC_SETS if cases is None or name in cases]
+    if mhc and log:
+        log(bench_mhc.header())
+    if mhc:
+        report["mhc"] = [
+            bench_mhc.run_mhc(name, DTYPES[dt], mode, tuple(mhc_contenders), repeats, device, target_s, log)
+            for name in mhc
             for dt in dtypes
             for mode in modes
         ]
@@ -483,11 +496,13 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=None, help="samples per median (default 15, quick 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
-    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES] + [OVERHEAD, SEARCH, *GROUPED_SETS],
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES] + [OVERHEAD, SEARCH, *GROUPED_SETS, *MHC_SETS],
                         help="run only these cases")
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, help="run only these contenders")
     parser.add_argument("--grouped-contenders", nargs="+", choices=GROUPED_CONTENDERS,
                         help="contenders of the grouped sets (default: all; compile not on the many-small set)")
+    parser.add_argument("--mhc-contenders", nargs="+", choices=MHC_CONTENDERS,
+                        help="contenders of the mHC cases (default: all)")
     return parser
 
 
@@ -521,6 +536,7 @@ def run(args) -> int:
         target_s=0.003 if args.quick else 0.01,
         log=lambda line: print(line, flush=True),
         grouped_contenders=tuple(args.grouped_contenders or GROUPED_CONTENDERS),
+        mhc_contenders=tuple(getattr(args, "mhc_contenders", None) or MHC_CONTENDERS),
     )
     if report["results"]:
         print()

@@ -1,0 +1,242 @@
+"""sp.mix and sp.HyperConnections, against an oracle written straight from
+mHC's formulas (per token, r the n streams flattened, in float32):
+
+    mixes = (r @ fn^T) * rsqrt(mean(r^2) + rms_eps) * scale + base
+    pre = sigmoid(mixes[:n]) + pre_eps; post = sigmoid(mixes[n:2n]) * post_mult
+    H = sinkhorn(mixes[2n:].view(n, n))
+    layer_input = sum_j pre_j r_j;  out_i = post_i * F + sum_j H[j, i] r_j
+"""
+import pytest
+import torch
+from torch import nn
+
+import simplex_param as sp
+
+
+def sinkhorn_oracle(x, iters, eps):
+    x = x.softmax(-1) + eps
+    x = x / (x.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        x = x / (x.sum(-1, keepdim=True) + eps)
+        x = x / (x.sum(-2, keepdim=True) + eps)
+    return x
+
+
+def pre_oracle(residual, fn, scale, base, n, rms_eps=1e-6, pre_eps=1e-6, sinkhorn_eps=1e-6, post_mult=2.0,
+               iters=20):
+    """Token by token, with explicit loops over the streams."""
+    lead = residual.shape[:-2]
+    res = residual.reshape(-1, n, residual.shape[-1])
+    xs, posts, hs = [], [], []
+    for t in range(res.shape[0]):
+        r = res[t].reshape(-1).float()
+        m = (fn @ r) * torch.rsqrt((r * r).mean() + rms_eps)
+        s = torch.cat([scale[0].repeat(n), scale[1].repeat(n), scale[2].repeat(n * n)])
+        m = m * s + base
+        pre = torch.sigmoid(m[:n]) + pre_eps
+        posts.append(torch.sigmoid(m[n:2 * n]) * post_mult)
+        hs.append(sinkhorn_oracle(m[2 * n:].reshape(n, n), iters, sinkhorn_eps))
+        x = sum(pre[j] * res[t, j].float() for j in range(n))
+        xs.append(x.to(residual.dtype))
+    return (torch.stack(xs).reshape(*lead, -1), torch.stack(posts).reshape(*lead, n),
+            torch.stack(hs).reshape(*lead, n, n))
+
+
+def post_oracle(layer_output, residual, post, h):
+    n = residual.shape[-2]
+    outs = []
+    for i in range(n):
+        o = post[..., i, None] * layer_output.float()
+        for j in range(n):
+            o = o + h[..., j, i, None] * residual[..., j, :].float()
+        outs.append(o)
+    return torch.stack(outs, -2).to(residual.dtype)
+
+
+def make(n=4, C=16, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    hc = sp.HyperConnections(n, C)
+    with torch.no_grad():  # away from the initialisation, so every term matters
+        hc.scale.copy_(torch.randn(3) * 0.5 + 1)
+        hc.base.copy_(torch.randn(n * (n + 2)))
+    residual = torch.randn(2, 3, n, C).to(dtype)
+    return hc, residual
+
+
+def test_defaults_are_deepseeks():
+    hc = sp.HyperConnections(4, 8)
+    assert (hc.rms_eps, hc.pre_eps, hc.sinkhorn_eps, hc.post_mult, hc.sinkhorn_iters) == (1e-6, 1e-6, 1e-6, 2.0, 20)
+    assert hc.fn.shape == (24, 32) and hc.scale.shape == (3,) and hc.base.shape == (24,)
+    assert all(p.dtype == torch.float32 for p in hc.parameters())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_pre_and_post_match_the_formula(dtype, tol):
+    hc, residual = make(dtype=dtype)
+    x, ctx = hc.pre(residual)
+    want_x, want_post, want_h = pre_oracle(residual, hc.fn, hc.scale, hc.base, 4)
+    assert x.dtype == dtype and ctx.post.dtype == torch.float32 and ctx.h.dtype == torch.float32
+    torch.testing.assert_close(ctx.post, want_post, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ctx.h, want_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x, want_x, atol=tol, rtol=tol)
+    f = torch.tanh(x.float()).to(dtype)
+    out = hc.post(f, residual, ctx)
+    assert out.dtype == dtype and out.shape == residual.shape
+    torch.testing.assert_close(out, post_oracle(f, residual, want_post, want_h), atol=tol, rtol=tol)
+
+
+def test_h_is_transposed_in_post():
+    # A permutation-like H that is not symmetric: out_i = sum_j H[j, i] r_j.
+    hc, residual = make(n=3, C=4)
+    h = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]).expand(2, 3, 3, 3)
+    ctx = sp.hyper_connections.HyperContext(torch.zeros(2, 3, 3), h)
+    out = hc.post(torch.zeros(2, 3, 4), residual, ctx)
+    # column i of H holds the single j with H[j, i] = 1: out_0 = r_2, out_1 = r_0, out_2 = r_1
+    assert torch.equal(out, residual[..., [2, 0, 1], :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_match_the_formula(dtype):
+    hc, residual = make(dtype=dtype)
+    residual.requires_grad_()
+    f_w = torch.randn(16)
+
+    def loss(pre_fn, post_fn, params, res):
+        x, post, h = pre_fn(res, *params)
+        out = post_fn(torch.tanh(x.float() * f_w).to(dtype), res, post, h)
+        return (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+
+    params = [hc.fn, hc.scale, hc.base]
+    ours = loss(lambda r, *p: (lambda x, c: (x, c.post, c.h))(*hc.pre(r)),
+                lambda f, r, post, h: hc.post(f, r, sp.hyper_connections.HyperContext(post, h)), params, residual)
+    got = torch.autograd.grad(ours, [residual, *params])
+    want_loss = loss(lambda r, *p: pre_oracle(r, *p, 4), post_oracle, params, residual)
+    want = torch.autograd.grad(want_loss, [residual, *params])
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for g, w, name in zip(got, want, ["residual", "fn", "scale", "base"]):
+        torch.testing.assert_close(g.float(), w.float(), atol=tol * max(1.0, float(w.abs().max())), rtol=tol,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backward", ["unroll", "recompute", "implicit"])
+def test_sinkhorn_backward_option(backward):
+    torch.manual_seed(0)
+    hc = sp.HyperConnections(4, 8, sinkhorn_backward=backward)
+    residual = torch.randn(5, 4, 8)
+    x, ctx = hc.pre(residual)
+    hc.post(x, residual, ctx).square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in hc.parameters())
+
+
+def test_wrap_runs_pre_layer_post():
+    hc, residual = make(n=4, C=16)
+    layer = nn.Linear(16, 16)
+    wrapped = hc.wrap(layer)
+    x, ctx = hc.pre(residual)
+    torch.testing.assert_close(wrapped(residual), hc.post(layer(x), residual, ctx))
+    assert set(dict(wrapped.named_parameters())) == {"hc.fn", "hc.scale", "hc.base", "layer.weight", "layer.bias"}
+
+
+def test_compile_fullgraph():
+    hc, residual = make(n=4, C=16)
+    layer = nn.Linear(16, 16)
+    wrapped = hc.wrap(layer)
+    compiled = torch.compile(wrapped, fullgraph=True)
+    r1, r2 = residual.clone().requires_grad_(), residual.clone().requires_grad_()
+    out = compiled(r1)
+    torch.testing.assert_close(out, wrapped(r2), atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    got = [r1.grad] + [p.grad.clone() for p in wrapped.parameters()]
+    wrapped.zero_grad()
+    wrapped(r2).square().sum().backward()
+    want = [r2.grad] + [p.grad for p in wrapped.parameters()]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_shape_errors():
+    hc = sp.HyperConnections(4, 8)
+    with pytest.raises(ValueError, match=r"residual must have shape \(\*, n, C\) = \(\*, 4, 8\)"):
+        hc.pre(torch.randn(2, 3, 8))
+    x, ctx = hc.pre(torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match="layer_output must have shape"):
+        hc.post(torch.randn(2, 7), torch.randn(2, 4, 8), ctx)
+
+
+# --- mix ----------------------------------------------------------------------
+
+def mix_oracle(weights, inputs):
+    lead = weights.dim() - 2
+    M = weights.shape[-2]
+    outs = []
+    for m in range(M):
+        o = 0
+        for k, x in enumerate(inputs):
+            w = weights[..., m, k]
+            o = o + w.reshape(w.shape + (1,) * (x.dim() - lead)) * x.double()
+        outs.append(o)
+    return torch.stack(outs, lead).to(inputs[0].dtype)
+
+
+@pytest.mark.parametrize("wshape, xshape", [((3, 5), (7,)), ((2, 3, 5), (2, 7)), ((2, 4, 1, 5), (2, 4, 6, 3))])
+def test_mix_matches_its_definition(wshape, xshape):
+    torch.manual_seed(0)
+    w = torch.randn(wshape)
+    xs = [torch.randn(xshape) for _ in range(5)]
+    out = sp.mix(w, xs)
+    lead = len(wshape) - 2
+    assert out.shape == tuple(wshape[:-1]) + tuple(xshape[lead:])
+    torch.testing.assert_close(out, mix_oracle(w.double(), xs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sp.mix(w, torch.stack(xs)), out, atol=0, rtol=0)
+
+
+def test_mix_with_one_output_is_weighted_sum():
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, 1, 5)
+    xs = [torch.randn(3, 4, 8, requires_grad=True) for _ in range(5)]
+    got = sp.mix(w, xs)[:, :, 0]
+    want = sp.weighted_sum(w[:, :, 0], xs)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, xs, g), torch.autograd.grad(want, xs, g)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_mix_bfloat16_accumulates_in_float32():
+    torch.manual_seed(0)
+    w = torch.rand(4, 2, 3)
+    xs = [torch.randn(4, 64).bfloat16() for _ in range(3)]
+    out = sp.mix(w, xs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, mix_oracle(w.double(), xs), atol=0, rtol=0)
+
+
+def test_mix_gradcheck_vmap_compile():
+    torch.manual_seed(0)
+    w = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(2, 5, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    assert torch.autograd.gradcheck(lambda w, *xs: sp.mix(w, xs), (w, *xs))
+    batched = torch.func.vmap(lambda w, x: sp.mix(w, x.unbind(0)))(w, torch.stack(xs, 1))
+    torch.testing.assert_close(batched, sp.mix(w, xs))
+    compiled = torch.compile(lambda w, *xs: sp.mix(w, xs), fullgraph=True)
+    torch.testing.assert_close(compiled(w, *xs), sp.mix(w, xs))
+
+
+def test_mix_errors():
+    with pytest.raises(ValueError, match="weights must have shape"):
+        sp.mix(torch.ones(3), [torch.ones(2)] * 3)
+    with pytest.raises(ValueError, match="K = 3 columns"):
+        sp.mix(torch.ones(2, 3), [torch.ones(2)] * 2)
+    with pytest.raises(ValueError, match="must be a prefix of the inputs' shape"):
+        sp.mix(torch.ones(4, 2, 3), [torch.ones(5, 2)] * 3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sinkhorn_iters=0), "sinkhorn_iters must be an int >= 1"),
+    (dict(sinkhorn_eps=-1.0), "sinkhorn_eps must be a finite float >= 0"),
+    (dict(rms_eps=float("nan")), "rms_eps must be a finite float >= 0"),
+    (dict(sinkhorn_backward="adjoint"), "sinkhorn_backward must be one of"),
+])
+def test_constructor_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sp.HyperConnections(4, 8, **kwargs)
