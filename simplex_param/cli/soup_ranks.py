@@ -71,7 +71,7 @@ def launch(fn, ranks: int, args=(), *, threads: int = 1, timeout: float = TIMEOU
                     failure = f"rank {failed[0]} failed ({_describe(procs[failed[0]].exitcode)})"
                 elif time.monotonic() > deadline:
                     late = [str(r) for r, p in enumerate(procs) if p.exitcode is None]
-                    failure = f"rank {', '.join(late)} did not finish within {timeout:g} s"
+                    failure = f"rank{'s' * (len(late) > 1)} {', '.join(late)} did not finish within {timeout:g} s"
                 else:
                     multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], 0.5)
             if failure is None:
