@@ -481,6 +481,10 @@ class LearnedSoup(nn.Module):
         weights = torch.cat([leaf, all_rows[G:].detach()]) if len(all_rows) > G else leaf
         with torch.enable_grad():
             outs = ops.grouped_weighted_sum(weights, self._members)
+        # FSDP2 leaves the root's parameters unsharded after a forward (for
+        # the backward): after one without a backward (under no_grad, an
+        # evaluation), they must be sharded again before the shards are written.
+        self._sharded.reshard()
         named = dict(self._sharded.named_parameters())
         buffers = dict(self._sharded.named_buffers())
         with torch.no_grad():

@@ -5,8 +5,10 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from simplex_param.cli import demo
 
@@ -145,3 +147,59 @@ def test_soup_demo_learns_a_better_soup_than_the_uniform_one(capsys):
                        r"\(([0-9.]+) models\)$", out, re.M)
     assert [s[0] for s in steps] == ["LearnedSoup", "model-soups recipe"]
     assert all(float(s[1]) > 0 and float(s[2]) > 0 for s in steps)
+
+
+SOUP_SMALL = ["--hidden", "32", "--members", "3", "--noisy", "1", "--steps", "20"]
+SOUP_ACCURACY = re.compile(r"^\s+(best member \(\d\)|uniform soup|learned soup)\s+([0-9.]+)$", re.M)
+
+
+def _soup_command(*args):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "simplex_param", "soup", *SOUP_SMALL, *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_soup_demo_on_two_ranks_matches_one_process():
+    """``soup --ranks 2``: the soup sharded on 2 gloo processes learns what
+    one process learns (the same accuracies, within noise), and each rank
+    holds about half of the members' bytes."""
+    one, two = _soup_command("--ranks", "1"), _soup_command("--ranks", "2")
+    acc1, acc2 = dict(SOUP_ACCURACY.findall(one)), dict(SOUP_ACCURACY.findall(two))
+    assert len(acc1) == 3 and acc1.keys() == acc2.keys(), (one, two)
+    for name in acc1:
+        assert abs(float(acc1[name]) - float(acc2[name])) <= 0.01, (name, one, two)
+    members = re.compile(r"^member test accuracies: (.*)$", re.M)
+    assert members.search(one).group(1) == members.search(two).group(1)
+    unsharded = int(re.search(r"against ([0-9,]+) for the unsharded soup", two).group(1).replace(",", ""))
+    ranks = re.findall(r"^\s+rank (\d): ([0-9,]+) bytes", two, re.M)
+    assert [r for r, _ in ranks] == ["0", "1"], two
+    assert all(int(n.replace(",", "")) <= 0.55 * unsharded for _, n in ranks), two
+    assert "skipped" in two and "model-soups recipe" in one
+
+
+def _crash(rank, ranks):
+    if rank == 1:
+        raise RuntimeError("injected failure")
+    torch.distributed.barrier()
+
+
+def _hang(rank, ranks):
+    if rank == 1:
+        time.sleep(600)
+    torch.distributed.barrier()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("fn, message", [(_crash, "rank 1 failed (exit code 1)"),
+                                         (_hang, "ranks 0, 1 did not finish within 20 s")])
+def test_soup_ranks_end_with_a_message_naming_the_rank(fn, message, capfd):
+    from simplex_param.cli import soup_ranks
+
+    t0 = time.monotonic()
+    assert soup_ranks.launch(fn, 2, timeout=20) == 1
+    assert time.monotonic() - t0 < 120
+    err = capfd.readouterr().err
+    assert message in err, err

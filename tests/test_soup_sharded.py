@@ -100,6 +100,13 @@ def soup_run(rank, world, folder):
     with torch.no_grad():
         torch.testing.assert_close(model(x), sharded(x), rtol=1e-12, atol=1e-12)
     out["saved"] = sorted(load_file(path))
+    # A training step after that forward without a backward (FSDP2 left the
+    # root's parameters unsharded): the same gradient as the unsharded soup's.
+    dense.eval()
+    for soup, batch in ((sharded, x[rank * 3:rank * 3 + 3]), (dense, x)):
+        soup.zero_grad()
+        soup(batch).square().mean().backward()
+    torch.testing.assert_close(_grad(sharded), _grad(dense), rtol=1e-10, atol=1e-10)
 
     # Members from safetensors files: rank 0 writes them, each rank reads its rows.
     paths = [os.path.join(folder, f"member{k}.safetensors") for k in range(K)]

@@ -8,7 +8,8 @@ frozen. The demo prints the test accuracy of the best member, of the uniform
 soup and of the learned soup, then the time per training step and the peak
 extra memory of the soup's step against the model-soups recipe (Wortsman et
 al., 2022: ``sum(alpha_k * p_k)`` per tensor, in Python). No downloads; under
-a minute on 2 CPU cores.
+a minute on 2 CPU cores. ``--ranks N`` shards the soup across N processes
+(``soup_ranks.py``).
 """
 import argparse
 import statistics
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int(1), default=150, help="soup training steps (default: 150)")
     parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the soup (default: 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--ranks", type=positive_int(1), default=1,
+                        help="processes (gloo, CPU) the soup is sharded across by FSDP2; above 1, the timing and "
+                             "the recipe comparison are skipped (default: 1, one process, unsharded)")
 
 
 def _mlp(hidden: int) -> nn.Module:
@@ -110,6 +114,10 @@ def _median_time(step, repeats=15):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ranks > 1:
+        from . import soup_ranks
+
+        return soup_ranks.run(args)
     t_start = time.perf_counter()
     print(f"simplex_param soup: K={args.members} MLPs ({args.noisy} fine-tuned on another task), "
           f"hidden width {args.hidden}, torch {torch.__version__}, {torch.get_num_threads()} threads")
