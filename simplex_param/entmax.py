@@ -120,36 +120,34 @@ def entmax_bisect(X: Tensor, alpha=1.5, dim: int = -1, n_iter: int = 50, ensure_
     return maps.apply("entmax_bisect", X, alpha, dim, n_iter=n_iter, ensure_sum_one=ensure_sum_one)
 
 
-class Sparsemax(nn.Module):
+class _SortedMap(nn.Module):
+    """A map of the sorted row along `dim` as a module; `k` as in entmax."""
+
+    function = None
+
+    def __init__(self, dim: int = -1, k=None):
+        super().__init__()
+        _check_k(k)
+        self.dim = dim
+        self.k = k
+
+    def forward(self, X: Tensor) -> Tensor:
+        return type(self).function(X, dim=self.dim, k=self.k)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, k={self.k}"
+
+
+class Sparsemax(_SortedMap):
     """:func:`sparsemax` along `dim` as a module."""
 
-    def __init__(self, dim: int = -1, k=None):
-        super().__init__()
-        _check_k(k)
-        self.dim = dim
-        self.k = k
-
-    def forward(self, X: Tensor) -> Tensor:
-        return sparsemax(X, dim=self.dim, k=self.k)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, k={self.k}"
+    function = staticmethod(sparsemax)
 
 
-class Entmax15(nn.Module):
+class Entmax15(_SortedMap):
     """:func:`entmax15` along `dim` as a module."""
 
-    def __init__(self, dim: int = -1, k=None):
-        super().__init__()
-        _check_k(k)
-        self.dim = dim
-        self.k = k
-
-    def forward(self, X: Tensor) -> Tensor:
-        return entmax15(X, dim=self.dim, k=self.k)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, k={self.k}"
+    function = staticmethod(entmax15)
 
 
 class EntmaxBisect(nn.Module):
