@@ -12,14 +12,7 @@ from torch import nn
 
 import simplex_param as sp
 
-
-def sinkhorn_oracle(x, iters, eps):
-    x = x.softmax(-1) + eps
-    x = x / (x.sum(-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        x = x / (x.sum(-1, keepdim=True) + eps)
-        x = x / (x.sum(-2, keepdim=True) + eps)
-    return x
+from test_sinkhorn import oracle as sinkhorn_oracle  # mHC's sinkhorn, from its definition
 
 
 def pre_oracle(residual, fn, scale, base, n, rms_eps=1e-6, pre_eps=1e-6, sinkhorn_eps=1e-6, post_mult=2.0,
