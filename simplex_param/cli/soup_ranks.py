@@ -53,8 +53,8 @@ def launch(fn, ranks: int, args=(), *, threads: int = 1, timeout: float = TIMEOU
     """Runs ``fn(rank, ranks, *args)`` in `ranks` spawned processes joined in a
     gloo process group (a FileStore in a private folder: no port to pick).
     Returns 0 when every rank ends cleanly, else 1, with a message on stderr
-    naming the first rank that failed or the ranks still running at the
-    deadline (those are killed). `fn` must be a module-level function."""
+    naming every rank that has failed when the first failure is seen, or the
+    ranks still running at the deadline (those are killed). `fn` must be a module-level function."""
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="simplex_param_soup_") as folder:
         store = os.path.join(folder, "store")
@@ -68,7 +68,7 @@ def launch(fn, ranks: int, args=(), *, threads: int = 1, timeout: float = TIMEOU
             while failure is None and any(p.exitcode is None for p in procs):
                 failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if failed:
-                    failure = f"rank {failed[0]} failed ({_describe(procs[failed[0]].exitcode)})"
+                    failure = _failures(procs, failed)
                 elif time.monotonic() > deadline:
                     late = [str(r) for r, p in enumerate(procs) if p.exitcode is None]
                     failure = f"rank{'s' * (len(late) > 1)} {', '.join(late)} did not finish within {timeout:g} s"
@@ -77,7 +77,7 @@ def launch(fn, ranks: int, args=(), *, threads: int = 1, timeout: float = TIMEOU
             if failure is None:
                 failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
                 if failed:
-                    failure = f"rank {failed[0]} failed ({_describe(procs[failed[0]].exitcode)})"
+                    failure = _failures(procs, failed)
         finally:
             for p in procs:
                 if p.exitcode is None:
@@ -87,6 +87,12 @@ def launch(fn, ranks: int, args=(), *, threads: int = 1, timeout: float = TIMEOU
         print(f"simplex_param soup: {failure}; the run is stopped", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _failures(procs, failed) -> str:
+    """Every rank that has failed by now: when one rank crashes, the others'
+    collectives fail right after it, and which exit is seen first is a race."""
+    return ", ".join(f"rank {r} failed ({_describe(procs[r].exitcode)})" for r in failed)
 
 
 def _describe(exitcode) -> str:
