@@ -44,6 +44,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward_op
   return op.call(grads, weights, inputs, need_w, need_x);
 }
 
+std::tuple<at::Tensor, std::vector<at::Tensor>> mix_backward_op(
+    const at::Tensor& grad, const at::Tensor& weights, at::TensorList inputs, bool need_w,
+    const c10::List<bool>& need_x) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::_mix_backward", "")
+      .typed<std::tuple<at::Tensor, std::vector<at::Tensor>>(
+          const at::Tensor&, const at::Tensor&, at::TensorList, bool, const c10::List<bool>&)>();
+  return op.call(grad, weights, inputs, need_w, need_x);
+}
+
 // For (K,) weights on the CPU, where reading them costs no synchronisation:
 // which are exactly 0. Empty otherwise, and for tensors without plain data
 // (fake tensors while torch.compile traces, functorch wrappers).
@@ -189,6 +199,81 @@ class SimplexWeightedSumFunction : public torch::autograd::Function<SimplexWeigh
   }
 };
 
+// out[..., m, ...] = sum_k w[..., m, k] * x_k, for m < M, in one node.
+class MixFunction : public torch::autograd::Function<MixFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weights, at::TensorList inputs) {
+    std::vector<at::Tensor> saved{weights};
+    if (weights.requires_grad()) saved.insert(saved.end(), inputs.begin(), inputs.end());
+    ctx->save_for_backward(saved);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_mix(weights, inputs);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& weights = saved[0];
+    const int64_t K = weights.size(-1);
+    const bool need_w = ctx->needs_input_grad(0);
+    c10::List<bool> need_x;
+    need_x.reserve(K);
+    for (int64_t k = 0; k < K; ++k) need_x.push_back(ctx->needs_input_grad(1 + k));
+    const std::vector<at::Tensor> xs =
+        need_w ? std::vector<at::Tensor>(saved.begin() + 1, saved.end()) : std::vector<at::Tensor>{};
+    const at::Tensor& grad = grad_outputs[0];
+    if (at::GradMode::is_enabled()) return differentiable_backward(grad, weights, xs, need_w, need_x);
+    variable_list grads(1 + K);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_w, grad_x] = mix_backward_op(grad, weights, xs, need_w, need_x);
+    if (need_w) grads[0] = grad_w;
+    for (int64_t k = 0; k < K; ++k) {
+      if (need_x[k]) grads[1 + k] = grad_x[k];
+    }
+    return grads;
+  }
+
+ private:
+  // The backward with a graph of its own (double backward): the inputs'
+  // gradients are the mix of the M output gradients with the transposed
+  // weights (this op again, so any order works), the weights' gradient the
+  // M x K dot products, a matrix product over the trailing elements.
+  static variable_list differentiable_backward(
+      const at::Tensor& grad, const at::Tensor& weights, const std::vector<at::Tensor>& xs, bool need_w,
+      const c10::List<bool>& need_x) {
+    const int64_t K = weights.size(-1), M = weights.size(-2), row_dims = weights.dim() - 2;
+    variable_list grads(1 + K);
+    bool any_x = false;
+    for (bool b : need_x) any_x = any_x || b;
+    if (any_x) {
+      std::vector<at::Tensor> gx;
+      if (M > 0) {
+        gx = call_mix(weights.transpose(-1, -2), grad.unbind(row_dims)).unbind(row_dims);
+      } else {
+        std::vector<int64_t> sizes = grad.sizes().vec();
+        sizes.erase(sizes.begin() + row_dims);
+        gx.assign(K, at::zeros(sizes, grad.options()));
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        if (need_x[k]) grads[1 + k] = gx[k];
+      }
+    }
+    if (need_w) {
+      // (*P, M, L) @ (*P, L, K), L the trailing elements of a row.
+      const at::ScalarType acc = acc_type(grad.scalar_type());
+      std::vector<int64_t> rows(weights.sizes().begin(), weights.sizes().end() - 2);
+      int64_t L = 1;
+      for (int64_t d = row_dims + 1; d < grad.dim(); ++d) L *= grad.size(d);
+      std::vector<int64_t> g_shape = rows, x_shape = rows;
+      g_shape.insert(g_shape.end(), {M, L});
+      x_shape.insert(x_shape.end(), {K, L});
+      const at::Tensor g = grad.to(acc).reshape(g_shape);
+      const at::Tensor x = at::stack(xs, row_dims).to(acc).reshape(x_shape);
+      grads[0] = at::matmul(g, x.transpose(-1, -2)).to(weights.scalar_type());
+    }
+    return grads;
+  }
+};
+
 // G contractions in one node: out_g = sum_k w[g, k] * x_{g,k}.
 class GroupedWeightedSumFunction : public torch::autograd::Function<GroupedWeightedSumFunction> {
  public:
@@ -249,6 +334,10 @@ at::Tensor simplex_weighted_sum_autograd(
   return SimplexWeightedSumFunction::apply(logits, inputs, map, temperature, alpha);
 }
 
+at::Tensor mix_autograd(const at::Tensor& weights, at::TensorList inputs) {
+  return MixFunction::apply(weights, inputs);
+}
+
 std::vector<at::Tensor> grouped_weighted_sum_autograd(const at::Tensor& weights, at::TensorList inputs) {
   return GroupedWeightedSumFunction::apply(weights, inputs);
 }
@@ -257,6 +346,7 @@ std::vector<at::Tensor> grouped_weighted_sum_autograd(const at::Tensor& weights,
 
 TORCH_LIBRARY_IMPL(simplex_param, Autograd, m) {
   m.impl("weighted_sum", &weighted_sum_autograd);
+  m.impl("mix", &mix_autograd);
   m.impl("grouped_weighted_sum", &grouped_weighted_sum_autograd);
   m.impl("simplex_weighted_sum", &simplex_weighted_sum_autograd);
 }

@@ -10,6 +10,7 @@
 #include <sstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace simplex_param {
 namespace {
@@ -113,9 +114,11 @@ std::string py_float(double x) {
   return out;
 }
 
-// The weights' leading dimensions are the first ones of `other` (a shape).
-void check_prefix(const at::Tensor& weights, const char* name, at::IntArrayRef other, const char* other_name) {
-  const auto P = weights.dim() - 1;
+// The weights' leading dimensions, all but the last `matrix_dims` (1 for
+// weighted_sum's K, 2 for mix's M x K), are the first ones of `other` (a shape).
+void check_prefix(
+    const at::Tensor& weights, const char* name, at::IntArrayRef other, const char* other_name, int64_t matrix_dims = 1) {
+  const auto P = weights.dim() - matrix_dims;
   bool ok = P <= static_cast<int64_t>(other.size());
   for (int64_t i = 0; ok && i < P; ++i) ok = weights.size(i) == other[i];
   if (!ok) {
@@ -179,6 +182,23 @@ void check_args(const at::Tensor& weights, at::TensorList inputs, const char* na
   check_inputs(inputs, -1);
   const at::Tensor& x0 = inputs[0];
   check_prefix(weights, name, x0.sizes(), "inputs[0]");
+  if (weights.device() != x0.device()) {
+    fail(Error::weights_device,
+         {{"name", name}, {"device", py(weights.device())}, {"other", "inputs[0]"}, {"other_device", py(x0.device())}});
+  }
+}
+
+void check_mix_args(const at::Tensor& weights, at::TensorList inputs, const char* name) {
+  if (weights.dim() < 2) fail(Error::mix_weights, {{"name", name}, {"shape", py(weights.sizes())}});
+  check_weights(weights, name);
+  const auto K = static_cast<int64_t>(inputs.size());
+  if (weights.size(-1) != K) {
+    fail(Error::weights_k,
+         {{"name", name}, {"n", std::to_string(weights.size(-1))}, {"inputs", "inputs"}, {"K", std::to_string(K)}});
+  }
+  check_inputs(inputs, -1);
+  const at::Tensor& x0 = inputs[0];
+  check_prefix(weights, name, x0.sizes(), "inputs[0]", 2);
   if (weights.device() != x0.device()) {
     fail(Error::weights_device,
          {{"name", name}, {"device", py(weights.device())}, {"other", "inputs[0]"}, {"other_device", py(x0.device())}});
@@ -260,6 +280,41 @@ void check_backward_args(
   if (weights_requires_grad) {
     check_args(weights, inputs, "weights");
     check_grad(grad, inputs, -1);
+  }
+}
+
+void check_mix_backward_args(
+    const at::Tensor& grad,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad) {
+  if (weights.dim() < 2) fail(Error::mix_weights, {{"name", "weights"}, {"shape", py(weights.sizes())}});
+  check_weights(weights, "weights");
+  const int64_t K = weights.size(-1), P = weights.dim() - 2;
+  if (static_cast<int64_t>(inputs_requires_grad.size()) != K) {
+    fail(Error::requires_grad_count,
+         {{"n", std::to_string(inputs_requires_grad.size())}, {"K", std::to_string(K)}});
+  }
+  if (!kernel_dtype(grad.scalar_type())) fail(Error::grad_dtype, {{"grad", "grad"}, {"dtype", py(grad.scalar_type())}});
+  // grad: (*P, M, *rest), the weights' (*P, M) its first dimensions.
+  check_prefix(weights, "weights", grad.sizes(), "grad", 1);
+  if (weights.device() != grad.device()) {
+    fail(Error::weights_device,
+         {{"name", "weights"}, {"device", py(weights.device())}, {"other", "grad"}, {"other_device", py(grad.device())}});
+  }
+  if (weights_requires_grad) {
+    check_mix_args(weights, inputs, "weights");
+    std::vector<int64_t> expected = inputs[0].sizes().vec();
+    expected.insert(expected.begin() + P, weights.size(-2));
+    if (!grad.sizes().equals(expected)) {
+      fail(Error::mix_grad_shape, {{"grad", "grad"}, {"shape", py(grad.sizes())}, {"expected", py(expected)}});
+    }
+    if (grad.scalar_type() != inputs[0].scalar_type()) {
+      fail(Error::grad_dtype_mismatch,
+           {{"grad", "grad"}, {"dtype", py(grad.scalar_type())}, {"inputs", "inputs"},
+            {"dtype0", py(inputs[0].scalar_type())}});
+    }
   }
 }
 

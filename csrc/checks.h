@@ -15,6 +15,9 @@ namespace simplex_param {
 // one shape, dtype and device.
 void check_args(const at::Tensor& weights, at::TensorList inputs, const char* name);
 
+// mix's `weights`: (M, K) or (*P, M, K) against K inputs.
+void check_mix_args(const at::Tensor& weights, at::TensorList inputs, const char* name);
+
 // K >= 1 inputs of one kernel dtype, shape and device, called inputs[k] in
 // messages, or groups[group][k] for a group of a grouped op (group >= 0).
 void check_inputs(at::TensorList inputs, int64_t group);
@@ -27,6 +30,14 @@ void check_temperature(double temperature);
 
 // The arguments of _weighted_sum_backward.
 void check_backward_args(
+    const at::Tensor& grad,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad);
+
+// The arguments of _mix_backward: grad (*P, M, *rest).
+void check_mix_backward_args(
     const at::Tensor& grad,
     const at::Tensor& weights,
     at::TensorList inputs,

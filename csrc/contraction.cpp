@@ -8,15 +8,17 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 
 namespace simplex_param {
 namespace {
 
-int64_t num_rows(const at::Tensor& weights) {
+// The weight rows: the elements of the first `row_dims` dimensions.
+int64_t num_rows(const at::Tensor& weights, int64_t row_dims) {
   int64_t rows = 1;
-  for (int64_t i = 0; i + 1 < weights.dim(); ++i) rows *= weights.size(i);
+  for (int64_t i = 0; i < row_dims; ++i) rows *= weights.size(i);
   return rows;
 }
 
@@ -72,57 +74,118 @@ at::Tensor call_weighted_sum(const at::Tensor& weights, at::TensorList inputs) {
   return op.call(weights, inputs);
 }
 
-at::Tensor weighted_sum_forward(const at::Tensor& weights, at::TensorList inputs, ContractionKernel kernel) {
-  check_args(weights, inputs, "weights");
-  const int64_t row_dims = weights.dim() - 1;
+at::Tensor call_mix(const at::Tensor& weights, at::TensorList inputs) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("simplex_param::mix", "")
+      .typed<at::Tensor(const at::Tensor&, at::TensorList)>();
+  return op.call(weights, inputs);
+}
+
+namespace {
+
+std::vector<int64_t> contiguous_strides(at::IntArrayRef sizes) {
+  std::vector<int64_t> strides(sizes.size());
+  int64_t s = 1;
+  for (size_t d = sizes.size(); d-- > 0;) {
+    strides[d] = s;
+    s *= std::max<int64_t>(sizes[d], 1);
+  }
+  return strides;
+}
+
+// The shape and strides of mix's M outputs stacked after the row dimensions,
+// (*P, M, *rest), for inputs (*P, *rest) walked in `strides` (rows outermost
+// and in order, layout.h): output m of row r starts at (r * M + m) * row_len.
+std::pair<std::vector<int64_t>, std::vector<int64_t>> stacked_layout(
+    at::IntArrayRef sizes, at::IntArrayRef strides, int64_t row_dims, int64_t M, int64_t row_len) {
+  std::vector<int64_t> out_sizes(sizes.begin(), sizes.end()), out_strides(strides.begin(), strides.end());
+  for (int64_t d = 0; d < row_dims; ++d) out_strides[d] *= M;
+  out_sizes.insert(out_sizes.begin() + row_dims, M);
+  out_strides.insert(out_strides.begin() + row_dims, row_len);
+  return {out_sizes, out_strides};
+}
+
+// The forward of weighted_sum (stacked false: weights (*P, K), M = 1, the
+// output shaped as the inputs) and of mix (stacked: weights (*P, M, K)).
+at::Tensor contraction_forward(
+    const at::Tensor& weights, at::TensorList inputs, bool stacked, ContractionKernel kernel) {
+  const int64_t row_dims = weights.dim() - (stacked ? 2 : 1);
+  const int64_t M = stacked ? weights.size(-2) : 1;
   const std::vector<int64_t> strides = walk_strides(inputs, row_dims);
   std::vector<at::Tensor> xs;
   xs.reserve(inputs.size());
   for (const at::Tensor& x : inputs) xs.push_back(in_layout(x, strides));
-  at::Tensor out = at::empty_strided(xs[0].sizes(), strides, xs[0].options());
-  const int64_t n = out.numel();
-  if (n == 0) return out;
+  const int64_t rows = num_rows(weights, row_dims), n = xs[0].numel();
+  const int64_t row_len = rows == 0 ? 0 : n / rows;
+  at::Tensor out;
+  if (stacked) {
+    const auto [sizes, out_strides] = stacked_layout(xs[0].sizes(), strides, row_dims, M, row_len);
+    out = at::empty_strided(sizes, out_strides, xs[0].options());
+  } else {
+    out = at::empty_strided(xs[0].sizes(), strides, xs[0].options());
+  }
+  if (out.numel() == 0) return out;
 
   const at::Tensor w = weights.to(acc_type(out.scalar_type())).contiguous();
   Contraction c;
   c.K = static_cast<int64_t>(xs.size());
-  c.rows = num_rows(weights);
-  c.row_len = n / c.rows;
+  c.M = M;
+  c.rows = rows;
+  c.row_len = row_len;
   c.dtype = out.scalar_type();
   c.device = out.device();
   c.w = w.const_data_ptr();
   for (const at::Tensor& x : xs) c.x.push_back(x.const_data_ptr());
   c.out = out.mutable_data_ptr();
   c.stream_stores = stream_stores(out.nbytes());
-  c.inputs_in_cache = !beyond_cache(out.nbytes() * c.K);
+  c.inputs_in_cache = !beyond_cache(xs[0].nbytes() * c.K);
   kernel(c);
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
+// The backward of weighted_sum (stacked false) and of mix (stacked).
+std::tuple<at::Tensor, std::vector<at::Tensor>> contraction_backward(
     const at::Tensor& grad_out,
     const at::Tensor& weights,
     at::TensorList inputs,
     bool weights_requires_grad,
     const c10::List<bool>& inputs_requires_grad,
     bool skip_zero_weights,
+    bool stacked,
     ContractionKernel kernel) {
-  check_backward_args(grad_out, weights, inputs, weights_requires_grad, inputs_requires_grad);
   const int64_t K = weights.size(-1);
-  const int64_t row_dims = weights.dim() - 1;
+  const int64_t row_dims = weights.dim() - (stacked ? 2 : 1);
+  const int64_t M = stacked ? weights.size(-2) : 1;
+  const int64_t rows = num_rows(weights, row_dims);
 
-  // The gradient and, for the weights' gradient, the inputs: one layout.
+  // The gradient and, for the weights' gradient, the inputs: one layout,
+  // M outputs stacked in the gradient of mix.
   std::vector<at::Tensor> operands{grad_out};
   if (weights_requires_grad) operands.insert(operands.end(), inputs.begin(), inputs.end());
-  const std::vector<int64_t> strides = walk_strides(operands, row_dims);
-  for (at::Tensor& t : operands) t = in_layout(t, strides);
+  std::vector<int64_t> sizes, strides;  // of the inputs
+  if (stacked) {
+    sizes = grad_out.sizes().vec();
+    sizes.erase(sizes.begin() + row_dims);
+    const at::TensorList xs = at::TensorList(operands).slice(1);
+    strides = xs.empty() ? contiguous_strides(sizes) : walk_strides(xs, row_dims);
+    for (size_t i = 1; i < operands.size(); ++i) operands[i] = in_layout(operands[i], strides);
+    const int64_t n = c10::multiply_integers(sizes);
+    const auto [grad_sizes, grad_strides] = stacked_layout(sizes, strides, row_dims, M, rows == 0 ? 0 : n / rows);
+    operands[0] = in_layout(operands[0], grad_strides);
+  } else {
+    sizes = grad_out.sizes().vec();
+    strides = walk_strides(operands, row_dims);
+    for (at::Tensor& t : operands) t = in_layout(t, strides);
+  }
   const at::Tensor& grad = operands[0];
-  const int64_t n = grad.numel();
+  const int64_t n = c10::multiply_integers(sizes);
+  const at::TensorOptions options = grad.options();
 
   Contraction c;
   c.K = K;
-  c.rows = num_rows(weights);
-  c.row_len = c.rows == 0 ? 0 : n / c.rows;
+  c.M = M;
+  c.rows = rows;
+  c.row_len = rows == 0 ? 0 : n / rows;
   c.dtype = grad.scalar_type();
   c.device = grad.device();
   c.grad = grad.const_data_ptr();
@@ -131,31 +194,73 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
   bool any = weights_requires_grad;
   for (int64_t k = 0; k < K; ++k) {
     const bool need = inputs_requires_grad[k];
-    grad_inputs.push_back(
-        need ? at::empty_strided(grad.sizes(), strides, grad.options()) : at::empty({0}, grad.options()));
+    grad_inputs.push_back(need ? at::empty_strided(sizes, strides, options) : at::empty({0}, options));
     c.grad_x.push_back(need ? grad_inputs.back().mutable_data_ptr() : nullptr);
     any = any || need;
   }
   at::Tensor grad_w;
   if (weights_requires_grad) {
-    grad_w = at::empty({c.rows, K}, grad.options().dtype(acc_type(c.dtype)));
+    grad_w = at::empty({rows, M * K}, options.dtype(acc_type(c.dtype)));
     c.grad_w = grad_w.mutable_data_ptr();
     for (size_t i = 1; i < operands.size(); ++i) c.x.push_back(operands[i].const_data_ptr());
   }
-  if (n == 0) {
+  if (n == 0 || M == 0) {  // nothing to read: the gradients are 0
     if (weights_requires_grad) grad_w.zero_();
+    if (M == 0) {
+      for (size_t k = 0; k < grad_inputs.size(); ++k) {
+        if (inputs_requires_grad[k]) grad_inputs[k].zero_();
+      }
+    }
   } else if (any) {
     const at::Tensor w = weights.to(acc_type(c.dtype)).contiguous();
     c.w = w.const_data_ptr();
     size_t written = 0;
-    for (const void* p : c.grad_x) written += p == nullptr ? 0 : grad.nbytes();
+    for (const void* p : c.grad_x) written += p == nullptr ? 0 : n * grad.element_size();
     c.stream_stores = stream_stores(written);
+    c.inputs_in_cache = !beyond_cache(n * grad.element_size() * (K + M));
     kernel(c);
   }
   at::Tensor grad_weights = weights_requires_grad
       ? grad_w.view(weights.sizes()).to(weights.scalar_type())
       : at::empty({0}, weights.options());
   return {grad_weights, grad_inputs};
+}
+
+} // namespace
+
+at::Tensor weighted_sum_forward(const at::Tensor& weights, at::TensorList inputs, ContractionKernel kernel) {
+  check_args(weights, inputs, "weights");
+  return contraction_forward(weights, inputs, /*stacked=*/false, kernel);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
+    const at::Tensor& grad,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad,
+    bool skip_zero_weights,
+    ContractionKernel kernel) {
+  check_backward_args(grad, weights, inputs, weights_requires_grad, inputs_requires_grad);
+  return contraction_backward(
+      grad, weights, inputs, weights_requires_grad, inputs_requires_grad, skip_zero_weights, false, kernel);
+}
+
+at::Tensor mix_forward(const at::Tensor& weights, at::TensorList inputs, ContractionKernel kernel) {
+  check_mix_args(weights, inputs, "weights");
+  return contraction_forward(weights, inputs, /*stacked=*/true, kernel);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mix_backward(
+    const at::Tensor& grad,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad,
+    ContractionKernel kernel) {
+  check_mix_backward_args(grad, weights, inputs, weights_requires_grad, inputs_requires_grad);
+  return contraction_backward(
+      grad, weights, inputs, weights_requires_grad, inputs_requires_grad, false, /*stacked=*/true, kernel);
 }
 
 std::vector<at::Tensor> call_grouped_weighted_sum(const at::Tensor& weights, at::TensorList inputs) {

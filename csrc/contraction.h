@@ -1,10 +1,14 @@
-// The contraction out = sum_k w[r, k] * x_k, as every backend's kernels see
-// it, and the op-level code the backends share (contraction.cpp).
+// The contraction out_m = sum_k w[r, m, k] * x_k, m < M, as every backend's
+// kernels see it, and the op-level code the backends share (contraction.cpp).
+// weighted_sum is its M = 1 case, mix (K inputs to M outputs) the general one.
 //
 // The inputs' shape S splits into rows P and trailing dimensions: weights
-// (*P, K) give one weight row per element of P (one row, P empty, for (K,)
-// weights). All operands are walked as flat arrays in one layout
-// (layout.h), so row r is the range [r * row_len, (r + 1) * row_len).
+// (*P, K), or (*P, M, K) for mix, give one weight row (M x K) per element of
+// P (one row, P empty, for (K,) or (M, K) weights). All operands are walked
+// as flat arrays in one layout (layout.h), so row r of an input is the range
+// [r * row_len, (r + 1) * row_len); the M outputs (and their gradients) of
+// row r follow each other: output m of row r is the range starting at
+// (r * M + m) * row_len.
 #pragma once
 
 #include <ATen/core/List.h>
@@ -19,16 +23,17 @@ namespace simplex_param {
 
 struct Contraction {
   int64_t K = 0;
+  int64_t M = 1;                    // outputs
   int64_t rows = 1;                 // weight rows
   int64_t row_len = 0;              // elements per row; rows * row_len elements in all
   at::ScalarType dtype;             // of the inputs, output and gradients
   at::Device device{at::kCPU};      // of every operand
-  const void* w = nullptr;          // rows x K weights, accumulation dtype, contiguous
+  const void* w = nullptr;          // rows x M x K weights, accumulation dtype, contiguous
   std::vector<const void*> x;       // K inputs (backward: empty when grad_w is null)
-  void* out = nullptr;              // forward: the output
-  const void* grad = nullptr;       // backward: the output's gradient
+  void* out = nullptr;              // forward: the M outputs
+  const void* grad = nullptr;       // backward: the M outputs' gradient
   std::vector<void*> grad_x;        // backward: K gradients, null where not wanted
-  void* grad_w = nullptr;           // backward: rows x K, accumulation dtype, or null
+  void* grad_w = nullptr;           // backward: rows x M x K, accumulation dtype, or null
   bool skip_zero_weights = false;   // backward: grad_w is 0 where w is, that input unread
   bool inputs_in_cache = true;      // CPU: the inputs fit in the last-level cache
   bool stream_stores = false;       // CPU: outputs written with non-temporal stores
@@ -46,8 +51,9 @@ bool stream_stores(size_t bytes);
 // backend can.
 using BatchKernel = void (*)(c10::ArrayRef<Contraction>);
 
-// weighted_sum through the dispatcher (autograd and every backend).
+// weighted_sum and mix through the dispatcher (autograd and every backend).
 at::Tensor call_weighted_sum(const at::Tensor& weights, at::TensorList inputs);
+at::Tensor call_mix(const at::Tensor& weights, at::TensorList inputs);
 
 // The ops, for a backend's kernels: checks, layout, allocation, then one
 // call of `kernel` unless there is nothing to compute. Every kernel skips
@@ -63,6 +69,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward(
     bool weights_requires_grad,
     const c10::List<bool>& inputs_requires_grad,
     bool skip_zero_weights,
+    ContractionKernel kernel);
+
+// mix: weights (M, K) or (*P, M, K), the output (*P, M, *rest) for inputs
+// (*P, *rest), in the inputs' layout with M inserted after P. The same code
+// as weighted_sum's above, with M outputs.
+at::Tensor mix_forward(const at::Tensor& weights, at::TensorList inputs, ContractionKernel kernel);
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mix_backward(
+    const at::Tensor& grad,
+    const at::Tensor& weights,
+    at::TensorList inputs,
+    bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad,
     ContractionKernel kernel);
 
 // The grouped ops: G contractions of K inputs each, inputs[g * K + k] being

@@ -27,6 +27,10 @@ at::Tensor simplex_weighted_sum(
   return simplex_param::call_simplex_weighted_sum(logits, inputs, map, temperature, alpha);
 }
 
+at::Tensor mix(const at::Tensor& weights, const std::vector<at::Tensor>& inputs) {
+  return simplex_param::call_mix(weights, inputs);
+}
+
 std::vector<at::Tensor> grouped_weighted_sum(const at::Tensor& weights, const std::vector<at::Tensor>& inputs) {
   return simplex_param::call_grouped_weighted_sum(weights, inputs);
 }
@@ -43,6 +47,7 @@ PYBIND11_MODULE(_C, m) {
   // The GIL is released while the op runs, as in a torch.ops call.
   m.def("weighted_sum", &weighted_sum, py::call_guard<py::gil_scoped_release>());
   m.def("simplex_weighted_sum", &simplex_weighted_sum, py::call_guard<py::gil_scoped_release>());
+  m.def("mix", &mix, py::call_guard<py::gil_scoped_release>());
   m.def("grouped_weighted_sum", &grouped_weighted_sum, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_capability", &simplex_param::cpu::active_capability,
         "The instruction set of the CPU kernels: default, avx2, avx512 or avx512_bf16.");

@@ -8,6 +8,9 @@
 //                           the contraction (simplex_ops.cpp); autograd in
 //                           autograd.cpp
 //   softmax_weighted_sum    simplex_weighted_sum with the softmax map
+//   mix                     M contractions of the same K inputs, out_m =
+//                           sum_k w[..., m, k] * x_k: weighted_sum's kernels
+//                           with M outputs; autograd in autograd.cpp
 //   grouped_weighted_sum    G contractions in one call, group g with its own
 //                           weight row and its own shape and dtype
 //   grouped_simplex_weighted_sum  a map of (G, K) logits, then the above
@@ -34,6 +37,13 @@ TORCH_LIBRARY(simplex_param, m) {
       "simplex_weighted_sum(Tensor logits, Tensor[] inputs, str map=\"softmax\", "
       "float temperature=1.0, float? alpha=None) -> Tensor");
   m.def("softmax_weighted_sum(Tensor logits, Tensor[] inputs, float temperature=1.0) -> Tensor");
+  // weights: (M, K), or (*P, M, K) with P a leading prefix of the inputs'
+  // shape (*P, *rest); the output is (*P, M, *rest).
+  m.def("mix(Tensor weights, Tensor[] inputs) -> Tensor");
+  // grad: (*P, M, *rest). As _weighted_sum_backward otherwise.
+  m.def(
+      "_mix_backward(Tensor grad, Tensor weights, Tensor[] inputs, "
+      "bool weights_requires_grad, bool[] inputs_requires_grad) -> (Tensor, Tensor[])");
   // weights (G, K); inputs flattened group by group, inputs[g * K + k] being
   // input k of group g. One output per group.
   m.def("grouped_weighted_sum(Tensor weights, Tensor[] inputs) -> Tensor[]");

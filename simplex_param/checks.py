@@ -34,8 +34,8 @@ def error(entry: str, /, **fields) -> Exception:
     return kind(text.format(**fields))
 
 
-def _check_prefix(weights: Tensor, name: str, other_shape, other: str) -> None:
-    prefix = tuple(weights.shape[:-1])
+def _check_prefix(weights: Tensor, name: str, other_shape, other: str, matrix_dims: int = 1) -> None:
+    prefix = tuple(weights.shape[:weights.dim() - matrix_dims])
     if tuple(other_shape[: len(prefix)]) != prefix or len(prefix) > len(other_shape):
         raise error("weights_prefix", name=name, shape=list(weights.shape), other_shape=list(other_shape), other=other)
 
@@ -77,6 +77,43 @@ def check_args(weights: Tensor, inputs: list, name: str) -> None:
     _check_prefix(weights, name, x0.shape, "inputs[0]")
     if weights.device != x0.device:
         raise error("weights_device", name=name, device=weights.device, other="inputs[0]", other_device=x0.device)
+
+
+def check_mix_args(weights: Tensor, inputs: list, name: str) -> None:
+    """mix's `weights` (``(M, K)`` or ``(*P, M, K)``, called `name`) against K inputs."""
+    if weights.dim() < 2:
+        raise error("mix_weights", name=name, shape=list(weights.shape))
+    _check_weights(weights, name)
+    if weights.shape[-1] != len(inputs):
+        raise error("weights_k", name=name, n=weights.shape[-1], inputs="inputs", K=len(inputs))
+    check_inputs(inputs, "inputs")
+    x0 = inputs[0]
+    _check_prefix(weights, name, x0.shape, "inputs[0]", 2)
+    if weights.device != x0.device:
+        raise error("weights_device", name=name, device=weights.device, other="inputs[0]", other_device=x0.device)
+
+
+def check_mix_backward_args(grad, weights, inputs, weights_requires_grad, inputs_requires_grad) -> None:
+    """The arguments of ``_mix_backward``: grad ``(*P, M, *rest)``."""
+    if weights.dim() < 2:
+        raise error("mix_weights", name="weights", shape=list(weights.shape))
+    _check_weights(weights, "weights")
+    K, P = weights.shape[-1], weights.dim() - 2
+    if len(inputs_requires_grad) != K:
+        raise error("requires_grad_count", n=len(inputs_requires_grad), K=K)
+    if grad.dtype not in KERNEL_DTYPES:
+        raise error("grad_dtype", grad="grad", dtype=grad.dtype)
+    _check_prefix(weights, "weights", grad.shape, "grad", 1)
+    if weights.device != grad.device:
+        raise error("weights_device", name="weights", device=weights.device, other="grad", other_device=grad.device)
+    if weights_requires_grad:
+        check_mix_args(weights, inputs, "weights")
+        expected = list(inputs[0].shape)
+        expected.insert(P, weights.shape[-2])
+        if list(grad.shape) != expected:
+            raise error("mix_grad_shape", grad="grad", shape=list(grad.shape), expected=expected)
+        if grad.dtype != inputs[0].dtype:
+            raise error("grad_dtype_mismatch", grad="grad", dtype=grad.dtype, inputs="inputs", dtype0=inputs[0].dtype)
 
 
 def check_grouped_weights(weights: Tensor, name: str) -> None:

@@ -12,15 +12,16 @@ from torch import Tensor
 from . import checks, maps
 
 
-def _walk_strides(tensors: list, row_dims: int) -> tuple:
+def _walk_strides(tensors: list, row_dims: int, shape=None) -> tuple:
     """The layout rule of csrc/layout.cpp: the strides of the first tensor that
     is non-overlapping and dense with its first `row_dims` dimensions
-    outermost and in order, else the contiguous strides."""
+    outermost and in order, else the contiguous strides (of `shape`, or of
+    the tensors')."""
     for t in tensors:
         if _walkable(t, row_dims):
             return t.stride()
     strides, expected = [], 1
-    for size in reversed(t.shape):
+    for size in reversed(shape if shape is not None else tensors[-1].shape):
         strides.append(expected)
         expected *= max(size, 1)
     return tuple(reversed(strides))
@@ -58,6 +59,36 @@ def _fake_weighted_sum_backward(grad, weights, inputs, weights_requires_grad, in
     return grad_weights, grad_inputs
 
 
+def _stacked_strides(shape, strides, row_dims: int, M: int) -> tuple:
+    """mix's output layout (contraction.h): the inputs' strides with M
+    inserted after the rows, each output one row's length apart."""
+    rows = 1
+    for n in shape[:row_dims]:
+        rows *= n
+    numel = 1
+    for n in shape:
+        numel *= n
+    row_len = numel // rows if rows else 0
+    return tuple(s * M for s in strides[:row_dims]) + (row_len,) + tuple(strides[row_dims:])
+
+
+def _fake_mix(weights, inputs):
+    checks.check_mix_args(weights, inputs, "weights")
+    x0, row_dims, M = inputs[0], weights.dim() - 2, weights.shape[-2]
+    shape = (*x0.shape[:row_dims], M, *x0.shape[row_dims:])
+    return x0.new_empty_strided(shape, _stacked_strides(x0.shape, _walk_strides(inputs, row_dims), row_dims, M))
+
+
+def _fake_mix_backward(grad, weights, inputs, weights_requires_grad, inputs_requires_grad):
+    checks.check_mix_backward_args(grad, weights, inputs, weights_requires_grad, inputs_requires_grad)
+    row_dims = weights.dim() - 2
+    shape = (*grad.shape[:row_dims], *grad.shape[row_dims + 1:])
+    strides = _walk_strides(inputs, row_dims) if weights_requires_grad else _walk_strides([], 0, shape)
+    grad_inputs = [grad.new_empty_strided(shape, strides) if need else grad.new_empty(0)
+                   for need in inputs_requires_grad]
+    return weights.new_empty(weights.shape if weights_requires_grad else (0,)), grad_inputs
+
+
 def _fake_simplex_weighted_sum(logits, inputs, map="softmax", temperature=1.0, alpha=None):
     checks.check_args(logits, inputs, "logits")
     checks.check_map(map, maps.MAPS)
@@ -93,3 +124,5 @@ def register() -> None:
     torch.library.register_fake(lib + "weighted_sum")(_fake_weighted_sum)
     torch.library.register_fake(lib + "_weighted_sum_backward")(_fake_weighted_sum_backward)
     torch.library.register_fake(lib + "simplex_weighted_sum")(_fake_simplex_weighted_sum)
+    torch.library.register_fake(lib + "mix")(_fake_mix)
+    torch.library.register_fake(lib + "_mix_backward")(_fake_mix_backward)

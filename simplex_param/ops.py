@@ -378,9 +378,10 @@ def mix(weights: Tensor, inputs) -> Tensor:
 
     This is the post-mix of hyper-connections (``docs/hyper_connections.md``):
     ``n + 1`` inputs (the layer's output and the ``n`` streams) to ``n``
-    streams per token. It is composed of PyTorch ops (one multiply-add per
-    input, each input read once), so autograd, ``torch.func`` and
-    ``torch.compile`` see through it; a fused kernel is not written yet.
+    streams per token. The compiled op is :func:`weighted_sum`'s kernel with
+    M outputs: one pass over the inputs, each segment of an input read from
+    memory once for all M outputs, and a C++ backward; the output keeps the
+    inputs' memory layout, with M inserted after the rows.
 
     Example::
 
@@ -391,28 +392,8 @@ def mix(weights: Tensor, inputs) -> Tensor:
     """
     inputs = as_list(inputs)
     if not isinstance(weights, Tensor):
-        raise TypeError(f"mix: weights must be a Tensor, got {type(weights).__name__}")
-    if not weights.dtype.is_floating_point:
-        raise TypeError(f"mix: weights must be a floating tensor, got {weights.dtype}")
-    if weights.dim() < 2:
-        raise ValueError(f"mix: weights must have shape (M, K) or (*P, M, K), got {list(weights.shape)}")
-    checks.check_inputs(inputs, "inputs")
-    if weights.shape[-1] != len(inputs):
-        raise ValueError(f"mix: weights has K = {weights.shape[-1]} columns (its last dimension) but "
-                         f"{len(inputs)} inputs were given")
-    x0 = inputs[0]
-    prefix = tuple(weights.shape[:-2])
-    if len(prefix) > x0.dim() or tuple(x0.shape[:len(prefix)]) != prefix:
-        raise ValueError(f"mix: the leading dimensions {list(prefix)} of weights {list(weights.shape)} must "
-                         f"be a prefix of the inputs' shape {list(x0.shape)}")
-    if weights.device != x0.device:
-        raise ValueError(f"mix: weights are on {weights.device} but inputs[0] is on {x0.device}")
-    acc = reference.acc_dtype(x0.dtype)
-    lead, rest = len(prefix), x0.dim() - len(prefix)
-    w = weights.to(acc)
-    w = w.reshape(*w.shape, *([1] * rest))  # (*P, M, K, 1, ...)
-    kdim = -1 - rest
-    out = w.select(kdim, 0) * x0.to(acc).unsqueeze(lead)  # (*P, M, 1, ...) * (*P, 1, *rest)
-    for k in range(1, len(inputs)):
-        out = out + w.select(kdim, k) * inputs[k].to(acc).unsqueeze(lead)
-    return out.to(x0.dtype)
+        raise TypeError(f"weights must be a Tensor, got {type(weights).__name__}")
+    if distributed.any_dtensor(weights, inputs):
+        raise NotImplementedError("mix does not take DTensor arguments: its output has a dimension M that the "
+                                  "inputs lack, which simplex_param.distributed does not place yet")
+    return _run("mix", weights, inputs, (), lambda w, xs: checks.check_mix_args(w, xs, "weights"), reference.mix)

@@ -7,7 +7,9 @@ order, forward mode included), ``torch.func`` and ``torch.compile`` work
 through them.
 
 Shapes: ``weights: (K,)`` or ``(*P, K)`` with ``P`` a leading prefix of the
-inputs' shape ``S``; ``inputs: K tensors of shape S``; result ``S``.
+inputs' shape ``S``; ``inputs: K tensors of shape S``; result ``S``. For
+:func:`mix`, ``weights: (M, K)`` or ``(*P, M, K)`` and the result
+``(*P, M, *rest)`` for ``S = (*P, *rest)``.
 """
 import torch
 from torch import Tensor
@@ -30,6 +32,23 @@ def weighted_sum(weights: Tensor, inputs: list[Tensor]) -> Tensor:
     out = w[..., 0].reshape(row_shape) * inputs[0].to(acc)
     for k in range(1, len(inputs)):
         out = out + w[..., k].reshape(row_shape) * inputs[k].to(acc)
+    return out.to(dtype)
+
+
+def mix(weights: Tensor, inputs: list[Tensor]) -> Tensor:
+    r"""``out[*p, m, *t] = sum_k weights[*p, m, k] * inputs[k][*p, *t]``: the M
+    weighted sums of the same K inputs, stacked after the rows' dimensions P,
+    accumulated as :func:`weighted_sum`. Each input is read once (one
+    multiply-add per input for all M outputs)."""
+    dtype = inputs[0].dtype
+    acc = acc_dtype(dtype)
+    lead, rest = weights.dim() - 2, inputs[0].dim() - (weights.dim() - 2)
+    w = weights.to(acc)
+    w = w.reshape(*w.shape, *([1] * rest))  # (*P, M, K, 1, ...)
+    kdim = -1 - rest
+    out = w.select(kdim, 0) * inputs[0].to(acc).unsqueeze(lead)  # (*P, M, 1, ...) * (*P, 1, *rest)
+    for k in range(1, len(inputs)):
+        out = out + w.select(kdim, k) * inputs[k].to(acc).unsqueeze(lead)
     return out.to(dtype)
 
 

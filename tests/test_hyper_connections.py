@@ -1,4 +1,4 @@
-"""sp.mix and sp.HyperConnections, against an oracle written straight from
+"""sp.HyperConnections, against an oracle written straight from
 mHC's formulas (per token, r the n streams flattened, in float32):
 
     mixes = (r @ fn^T) * rsqrt(mean(r^2) + rms_eps) * scale + base
@@ -154,74 +154,6 @@ def test_shape_errors():
     x, ctx = hc.pre(torch.randn(2, 4, 8))
     with pytest.raises(ValueError, match="layer_output must have shape"):
         hc.post(torch.randn(2, 7), torch.randn(2, 4, 8), ctx)
-
-
-# --- mix ----------------------------------------------------------------------
-
-def mix_oracle(weights, inputs):
-    lead = weights.dim() - 2
-    M = weights.shape[-2]
-    outs = []
-    for m in range(M):
-        o = 0
-        for k, x in enumerate(inputs):
-            w = weights[..., m, k]
-            o = o + w.reshape(w.shape + (1,) * (x.dim() - lead)) * x.double()
-        outs.append(o)
-    return torch.stack(outs, lead).to(inputs[0].dtype)
-
-
-@pytest.mark.parametrize("wshape, xshape", [((3, 5), (7,)), ((2, 3, 5), (2, 7)), ((2, 4, 1, 5), (2, 4, 6, 3))])
-def test_mix_matches_its_definition(wshape, xshape):
-    torch.manual_seed(0)
-    w = torch.randn(wshape)
-    xs = [torch.randn(xshape) for _ in range(5)]
-    out = sp.mix(w, xs)
-    lead = len(wshape) - 2
-    assert out.shape == tuple(wshape[:-1]) + tuple(xshape[lead:])
-    torch.testing.assert_close(out, mix_oracle(w.double(), xs), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sp.mix(w, torch.stack(xs)), out, atol=0, rtol=0)
-
-
-def test_mix_with_one_output_is_weighted_sum():
-    torch.manual_seed(0)
-    w = torch.randn(3, 4, 1, 5)
-    xs = [torch.randn(3, 4, 8, requires_grad=True) for _ in range(5)]
-    got = sp.mix(w, xs)[:, :, 0]
-    want = sp.weighted_sum(w[:, :, 0], xs)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    g = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(got, xs, g), torch.autograd.grad(want, xs, g)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-
-
-def test_mix_bfloat16_accumulates_in_float32():
-    torch.manual_seed(0)
-    w = torch.rand(4, 2, 3)
-    xs = [torch.randn(4, 64).bfloat16() for _ in range(3)]
-    out = sp.mix(w, xs)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, mix_oracle(w.double(), xs), atol=0, rtol=0)
-
-
-def test_mix_gradcheck_vmap_compile():
-    torch.manual_seed(0)
-    w = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    xs = [torch.randn(2, 5, dtype=torch.float64, requires_grad=True) for _ in range(4)]
-    assert torch.autograd.gradcheck(lambda w, *xs: sp.mix(w, xs), (w, *xs))
-    batched = torch.func.vmap(lambda w, x: sp.mix(w, x.unbind(0)))(w, torch.stack(xs, 1))
-    torch.testing.assert_close(batched, sp.mix(w, xs))
-    compiled = torch.compile(lambda w, *xs: sp.mix(w, xs), fullgraph=True)
-    torch.testing.assert_close(compiled(w, *xs), sp.mix(w, xs))
-
-
-def test_mix_errors():
-    with pytest.raises(ValueError, match="weights must have shape"):
-        sp.mix(torch.ones(3), [torch.ones(2)] * 3)
-    with pytest.raises(ValueError, match="K = 3 columns"):
-        sp.mix(torch.ones(2, 3), [torch.ones(2)] * 2)
-    with pytest.raises(ValueError, match="must be a prefix of the inputs' shape"):
-        sp.mix(torch.ones(4, 2, 3), [torch.ones(5, 2)] * 3)
 
 
 @pytest.mark.parametrize("kwargs, match", [

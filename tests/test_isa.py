@@ -65,6 +65,18 @@ for dtype in (torch.float32, torch.bfloat16):
     grad[::3] = 0
     for t in torch.autograd.grad(sp.weighted_sum(w, xs), xs, grad):
         digest.update(bits(t).numpy().tobytes())
+# mix: M outputs through the same kernels (shared and per-row matrices, rows
+# in pieces, more than 16 inputs and outputs, a weight exactly 0).
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for wshape, shape in [((3, 4, 5), (3, 2100)), ((17, 19), (4100,)), ((40, 3, 2), (40, 9))]:
+        w = torch.randn(wshape, generator=gen)
+        w[..., 0, 1] = 0
+        w.requires_grad_()
+        xs = [torch.randn(shape, generator=gen).to(dtype).requires_grad_() for _ in range(wshape[-1])]
+        out = sp.mix(w, xs)
+        grads = torch.autograd.grad(out, [w, *xs], torch.randn(out.shape, generator=gen).to(dtype))
+        for t in (out, *grads):
+            digest.update(bits(t).numpy().tobytes())
 print(_ext.MODULE.cpu_capability(), digest.hexdigest())
 """
 

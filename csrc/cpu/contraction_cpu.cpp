@@ -36,9 +36,10 @@ namespace cpu {
 namespace {
 
 // Grain, in tiles, for at::parallel_for: at least 64K elements of traffic
-// per thread, so that small problems stay on one thread.
-int64_t tile_grain(int64_t K) {
-  return std::max<int64_t>(1, (int64_t{1} << 16) / (kBlock * std::max<int64_t>(K, 1)));
+// per thread, so that small problems stay on one thread. A tile of K inputs
+// and M outputs moves K + M - 1 rows of kBlock elements besides the first.
+int64_t tile_grain(const Contraction& c) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / (kBlock * std::max<int64_t>(c.K + c.M - 1, 1)));
 }
 
 std::vector<IsaKernels> supported_kernels() {
@@ -126,7 +127,7 @@ struct Partials {
   Partials(c10::ArrayRef<Contraction> cs, const Batch& batch) {
     for (size_t j = 0; j < cs.size(); ++j) {
       const bool split = cs[j].grad_w != nullptr && batch.tiles[j].pieces > 1;
-      const int64_t n = split ? batch.tiles[j].count * cs[j].K : 0;
+      const int64_t n = split ? batch.tiles[j].count * cs[j].M * cs[j].K : 0;
       if (acc_type(cs[j].dtype) == at::kDouble) {
         offset.push_back(static_cast<int64_t>(d.size()));
         d.resize(d.size() + n);
@@ -152,12 +153,13 @@ struct Partials {
 template <typename acc_t>
 void sum_pieces(const Contraction& c, const Tiles& tiles, const acc_t* partials) {
   acc_t* grad_w = static_cast<acc_t*>(c.grad_w);
+  const int64_t width = c.M * c.K;  // weights per row
   for (int64_t row = 0; row < c.rows; ++row) {
-    const acc_t* p = partials + row * tiles.pieces * c.K;
-    for (int64_t k = 0; k < c.K; ++k) {
+    const acc_t* p = partials + row * tiles.pieces * width;
+    for (int64_t k = 0; k < width; ++k) {
       acc_t s = 0;
-      for (int64_t piece = 0; piece < tiles.pieces; ++piece) s += p[piece * c.K + k];
-      grad_w[row * c.K + k] = s;
+      for (int64_t piece = 0; piece < tiles.pieces; ++piece) s += p[piece * width + k];
+      grad_w[row * width + k] = s;
     }
   }
 }
@@ -167,7 +169,7 @@ void forward_batch(c10::ArrayRef<Contraction> cs) {
   const Batch batch(cs);
   std::vector<ForwardTiles> forward;
   for (const Contraction& c : cs) forward.push_back(active_kernels().forward[dtype_index(c.dtype)]);
-  at::parallel_for(0, batch.count(), tile_grain(cs[0].K), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch.count(), tile_grain(cs[0]), [&](int64_t begin, int64_t end) {
     batch.for_each(begin, end, [&](size_t j, int64_t t0, int64_t t1) {
       forward[j](cs[j], batch.tiles[j], t0, t1);
     });
@@ -179,7 +181,7 @@ void backward_batch(c10::ArrayRef<Contraction> cs) {
   std::vector<BackwardTiles> backward;
   for (const Contraction& c : cs) backward.push_back(active_kernels().backward[dtype_index(c.dtype)]);
   Partials partials(cs, batch);
-  at::parallel_for(0, batch.count(), tile_grain(cs[0].K), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch.count(), tile_grain(cs[0]), [&](int64_t begin, int64_t end) {
     batch.for_each(begin, end, [&](size_t j, int64_t t0, int64_t t1) {
       backward[j](cs[j], batch.tiles[j], partials.at(j, cs[j].dtype), t0, t1);
     });
@@ -212,6 +214,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_cpu(
       grad, weights, inputs, weights_requires_grad, inputs_requires_grad, skip_zero_weights, backward_kernel);
 }
 
+at::Tensor mix_cpu(const at::Tensor& weights, at::TensorList inputs) {
+  return mix_forward(weights, inputs, forward_kernel);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mix_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& weights, at::TensorList inputs, bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad) {
+  return mix_backward(grad, weights, inputs, weights_requires_grad, inputs_requires_grad, backward_kernel);
+}
+
 std::vector<at::Tensor> grouped_weighted_sum_cpu(const at::Tensor& weights, at::TensorList inputs) {
   return grouped_weighted_sum_forward(weights, inputs, forward_batch);
 }
@@ -240,6 +252,8 @@ std::vector<std::string> supported_capabilities() {
 TORCH_LIBRARY_IMPL(simplex_param, CPU, m) {
   m.impl("weighted_sum", &cpu::weighted_sum_cpu);
   m.impl("_weighted_sum_backward", &cpu::weighted_sum_backward_cpu);
+  m.impl("mix", &cpu::mix_cpu);
+  m.impl("_mix_backward", &cpu::mix_backward_cpu);
   m.impl("grouped_weighted_sum", &cpu::grouped_weighted_sum_cpu);
   m.impl("_grouped_weighted_sum_backward", &cpu::grouped_weighted_sum_backward_cpu);
 }

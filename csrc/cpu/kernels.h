@@ -438,19 +438,66 @@ struct Operands {
   }
 };
 
+// The first element of output m of `row` in the flat range of the M outputs
+// (contraction.h), minus that of the row in the inputs: added to a pointer
+// indexed with the inputs' positions.
+SP_INLINE int64_t output_shift(const Contraction& c, int64_t row, int64_t m) {
+  return (row * (c.M - 1) + m) * c.row_len;
+}
+
 template <typename scalar_t>
 void forward_tiles(const Contraction& c, const Tiles& tiles, int64_t t0, int64_t t1) {
   using acc_t = at::opmath_type<scalar_t>;
   const Operands<scalar_t, acc_t> ops(c);
   scalar_t* out = static_cast<scalar_t*>(c.out);
+  const int streams = c.inputs_in_cache ? kMaxStreams : 4;
   for (int64_t t = t0; t < t1; ++t) {
     tiles.for_each_segment(t, [&](int64_t row, int64_t, int64_t start, int64_t len) {
-      forward_segment(ops.x.data(), ops.w + row * c.K, c.K, out, start, len, c.stream_stores,
-                      c.inputs_in_cache ? kMaxStreams : 4);
+      // The M outputs one after the other: the segment of every input is read
+      // from memory once, by the first, and from the cache by the others.
+      for (int64_t m = 0; m < c.M; ++m) {
+        forward_segment(ops.x.data(), ops.w + (row * c.M + m) * c.K, c.K, out + output_shift(c, row, m), start, len,
+                        c.stream_stores, streams);
+      }
     });
   }
   fence(c);
 }
+
+// The backward of a segment of mix (M > 1): the M x K dot products
+// <g_m, x_k>, each gradient with every input (backward_segment without input
+// gradients), then each wanted input gradient dx_k = sum_m w[m, k] * g_m, a
+// forward segment over the M gradients with the weights' column k. The
+// gradients' segments are read from memory once, by the first pass.
+template <typename scalar_t, typename acc_t>
+struct MixBackward {
+  const Contraction& c;
+  const Operands<scalar_t, acc_t>& ops;
+  const scalar_t* grad;
+  std::vector<const scalar_t*> g;  // scratch, allocated once per call
+  std::vector<scalar_t*> no_dx;
+  std::vector<acc_t> column;
+
+  MixBackward(const Contraction& c_, const Operands<scalar_t, acc_t>& ops_, const scalar_t* grad_)
+      : c(c_), ops(ops_), grad(grad_), g(c.M), no_dx(c.K, nullptr), column(c.M) {}
+
+  void segment(int64_t row, acc_t* dots, int64_t start, int64_t len) {
+    for (int64_t m = 0; m < c.M; ++m) g[m] = grad + output_shift(c, row, m);
+    const acc_t* w = ops.w + row * c.M * c.K;
+    if (dots != nullptr) {
+      for (int64_t m = 0; m < c.M; ++m) {
+        backward_segment(g[m], ops.x.data(), w + m * c.K, c.K, no_dx.data(), dots + m * c.K, c.skip_zero_weights,
+                         false, start, len);
+      }
+    }
+    for (int64_t k = 0; k < c.K; ++k) {
+      if (ops.grad_x[k] == nullptr) continue;
+      for (int64_t m = 0; m < c.M; ++m) column[m] = w[m * c.K + k];
+      forward_segment(g.data(), column.data(), c.M, ops.grad_x[k], start, len, c.stream_stores,
+                      c.inputs_in_cache ? kMaxStreams : 4);
+    }
+  }
+};
 
 template <typename scalar_t>
 void backward_tiles(const Contraction& c, const Tiles& tiles, void* partials_, int64_t t0, int64_t t1) {
@@ -459,11 +506,18 @@ void backward_tiles(const Contraction& c, const Tiles& tiles, void* partials_, i
   const scalar_t* grad = static_cast<const scalar_t*>(c.grad);
   acc_t* grad_w = static_cast<acc_t*>(c.grad_w);
   acc_t* partials = static_cast<acc_t*>(partials_);
+  const int64_t width = c.M * c.K;  // weights per row
+  std::optional<MixBackward<scalar_t, acc_t>> mix;
+  if (c.M != 1) mix.emplace(c, ops, grad);
   for (int64_t t = t0; t < t1; ++t) {
     tiles.for_each_segment(t, [&](int64_t row, int64_t piece, int64_t start, int64_t len) {
       acc_t* dots = grad_w == nullptr ? nullptr
-          : tiles.pieces == 1         ? grad_w + row * c.K
-                                      : partials + (row * tiles.pieces + piece) * c.K;
+          : tiles.pieces == 1         ? grad_w + row * width
+                                      : partials + (row * tiles.pieces + piece) * width;
+      if (mix) {
+        mix->segment(row, dots, start, len);
+        return;
+      }
       backward_segment(
           grad, ops.x.data(), ops.w + row * c.K, c.K, ops.grad_x.data(), dots, c.skip_zero_weights,
           c.stream_stores, start, len);
