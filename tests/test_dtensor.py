@@ -1,6 +1,8 @@
 """DTensor arguments of every op, on a 2-rank CPU mesh (gloo): outputs,
 input gradients and weight gradients equal the dense results, on the
 compiled path and on the fallback, in one spawned run."""
+import copy
+
 import pytest
 import torch
 
@@ -38,10 +40,12 @@ def _full(t):
 
 
 def _check_case(name, mesh, fn, weights, inputs, placements, weight_placements=None, grouped_k=None,
-                exact_weight_grad=False):
+                exact_weight_grad=False, weight_grad_placements=None):
     """fn(weights, inputs) dense and distributed: the same output (bitwise),
     input gradients (bitwise, with the inputs' placements) and weight
-    gradient (replicated; bitwise when `exact_weight_grad`, else within 1e-6)."""
+    gradient (replicated; bitwise when `exact_weight_grad`, else within 1e-6).
+    `weight_grad_placements` (default: the weights') lists the placements
+    the weight gradient may have on each mesh dimension."""
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
     dense_w, dense_x, dist_w, dist_x = _dense_and_dist(mesh, weights, inputs, placements, weight_placements)
@@ -62,9 +66,11 @@ def _check_case(name, mesh, fn, weights, inputs, placements, weight_placements=N
         assert tuple(a.grad.placements) == tuple(placements), (name, k, a.grad.placements)
         assert torch.equal(a.grad.full_tensor(), b.grad), f"{name}: gradient of input {k}"
     wg = dist_w.grad
+    if weight_grad_placements is None and weight_placements is not None:
+        weight_grad_placements = [[p] for p in weight_placements]
     if isinstance(wg, DTensor):
-        assert tuple(wg.placements) == tuple(weight_placements), (name, wg.placements)
-    if weight_placements is None or all(isinstance(p, Replicate) for p in weight_placements):
+        assert all(p in allowed for p, allowed in zip(wg.placements, weight_grad_placements)), (name, wg.placements)
+    if all(isinstance(p, Replicate) for p in (wg.placements if isinstance(wg, DTensor) else ())):
         # Replicated: the same reduced value on every rank.
         local = wg.to_local() if isinstance(wg, DTensor) else wg
         gathered = [torch.empty_like(local) for _ in range(WORLD)]
@@ -162,6 +168,137 @@ def _cases(rank, mesh):
     return done
 
 
+def _public_extras(mesh):
+    """Through the public functions: DTensor inputs with a tensor
+    temperature, a tensor alpha, and a SimplexFusion with a learned alpha."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    done = []
+    torch.manual_seed(2)
+    xs = [torch.randn(5, 6, dtype=torch.float64) for _ in range(3)]
+    logits = torch.tensor([0.4, -0.3, 0.2], dtype=torch.float64)
+    for placements in ([Shard(0)], [Shard(1)]):
+        for map, extra in (("sparsemax", {}), ("entmax_bisect", {"alpha": torch.tensor([1.3], dtype=torch.float64)})):
+            dense_t, dist_t = (torch.tensor(0.7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+            dense_a, dist_a = ({k: v.clone().requires_grad_() for k, v in extra.items()} for _ in range(2))
+            name = f"tensor temperature, {map} {placements}"
+            dense_x = [x.clone().requires_grad_() for x in xs]
+            dist_x = [distribute_tensor(x.clone(), mesh, placements).requires_grad_() for x in xs]
+            dense_l, dist_l = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+            out = sp.simplex_weighted_sum(dense_l, dense_x, map=map, temperature=dense_t, **dense_a)
+            dout = sp.simplex_weighted_sum(dist_l, dist_x, map=map, temperature=dist_t, **dist_a)
+            assert torch.equal(dout.full_tensor(), out), name
+            g = torch.randn_like(out)
+            out.backward(g)
+            dout.backward(distribute_tensor(g, mesh, placements))
+            for a, b in zip(dist_x, dense_x):
+                assert torch.equal(a.grad.full_tensor(), b.grad), name
+            for a, b in [(dist_l, dense_l), (dist_t, dense_t), *((dist_a[k], dense_a[k]) for k in dense_a)]:
+                torch.testing.assert_close(_full(a.grad), b.grad, rtol=1e-6, atol=1e-12, msg=name)
+            done.append(name)
+        # A learned alpha: SimplexFusion(map="entmax_bisect", learn_alpha=True).
+        name = f"SimplexFusion learn_alpha {placements}"
+        dense_f = sp.SimplexFusion(3, map="entmax_bisect", learn_alpha=True, dtype=torch.float64)
+        with torch.no_grad():
+            dense_f.parametrizations.weight.original.copy_(logits)
+        dist_f = copy.deepcopy(dense_f)
+        out = dense_f(xs)
+        dout = dist_f([distribute_tensor(x, mesh, placements) for x in xs])
+        assert torch.equal(dout.full_tensor(), out), name
+        out.sum().backward()
+        dout.sum().backward()
+        for (n, a), b in zip(dist_f.named_parameters(), dense_f.parameters()):
+            assert a.grad is not None and b.grad is not None, (name, n)
+            torch.testing.assert_close(_full(a.grad), b.grad, rtol=1e-6, atol=1e-12, msg=f"{name}: {n}")
+        done.append(name)
+    return done
+
+
+def _direct_cases(mesh):
+    """torch.ops.simplex_param.* called on DTensors: DTensor's own dispatch,
+    through the sharding rules that simplex_param.distributed registers. The
+    weight gradient is Partial(sum) where the inputs are sharded along a
+    summed dimension (DTensor's convention, as for x * w), or Replicate where
+    an op of the map's backward reduced it already; full_tensor() reduces it."""
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    ops = torch.ops.simplex_param
+    done = []
+    torch.manual_seed(3)
+    for dtype in (torch.float64, torch.float32):
+        K = 3
+        xs = [torch.randn(5, 6, 4, dtype=dtype) for _ in range(K)]
+        w = torch.randn(K, dtype=dtype)
+        for placements in ([Shard(0)], [Shard(1)], [Replicate()]):
+            replicated = isinstance(placements[0], Replicate)
+            grad_w = [[Replicate()] if replicated else [Partial(), Replicate()]]
+            common = dict(weight_placements=[Replicate()], exact_weight_grad=replicated,
+                          weight_grad_placements=grad_w)
+            done.append(_check_case(f"direct weighted_sum {dtype} {placements}", mesh,
+                                    lambda w_, x: ops.weighted_sum(w_, x), w, xs, placements, **common))
+            for map in ("softmax", "identity", "entmax_bisect"):
+                done.append(_check_case(f"direct simplex_weighted_sum {map} {dtype} {placements}", mesh,
+                                        lambda w_, x, map=map: ops.simplex_weighted_sum(w_, x, map, 0.5),
+                                        w, xs, placements, **common))
+            done.append(_check_case(f"direct softmax_weighted_sum {dtype} {placements}", mesh,
+                                    lambda w_, x: ops.softmax_weighted_sum(w_, x, 2.0), w, xs, placements, **common))
+            with torch.inference_mode():  # the op whole, through its rule
+                xd = [distribute_tensor(x, mesh, placements) for x in xs]
+                for map in ("sparsemax", "entmax15"):
+                    out = ops.simplex_weighted_sum(distribute_tensor(w, mesh, [Replicate()]), xd, map, 0.5)
+                    assert tuple(out.placements) == tuple(placements)
+                    assert torch.equal(out.full_tensor(), ops.simplex_weighted_sum(w, xs, map, 0.5)), map
+                    done.append(f"direct simplex_weighted_sum {map} inference {dtype} {placements}")
+            # A plain weight tensor, where DTensor allows it (implicit replication).
+            name = f"direct weighted_sum, plain weights {dtype} {placements}"
+            with implicit_replication():
+                out = ops.weighted_sum(w, [distribute_tensor(x, mesh, placements) for x in xs])
+            assert tuple(out.placements) == tuple(placements), name
+            assert torch.equal(out.full_tensor(), ops.weighted_sum(w, xs)), name
+            done.append(name)
+        # Per-sample weights (5, 6, K): replicated (cut to the local rows), or sharded as the inputs.
+        ws = torch.randn(5, 6, K, dtype=dtype)
+        for placements in ([Shard(0)], [Shard(1)]):
+            for wp in ([Replicate()], placements):
+                done.append(_check_case(f"direct per-sample, weights {wp} {dtype} {placements}", mesh,
+                                        lambda w_, x: ops.weighted_sum(w_, x), ws, xs, placements,
+                                        weight_placements=wp, weight_grad_placements=[placements],
+                                        exact_weight_grad=True))
+        # Grouped: G = 3 groups of different shapes and dtypes.
+        groups = [[torch.randn(4, 3, dtype=dtype) for _ in range(K)],
+                  [torch.randn(7, dtype=dtype) for _ in range(K)],
+                  [torch.randn(2, 5, dtype=torch.bfloat16 if dtype == torch.float32 else dtype) for _ in range(K)]]
+        flat = [x for g in groups for x in g]
+        wg = torch.randn(3, K, dtype=dtype)
+        for placements in ([Shard(0)], [Replicate()]):
+            replicated = isinstance(placements[0], Replicate)
+            common = dict(weight_placements=[Replicate()], grouped_k=K, exact_weight_grad=replicated,
+                          weight_grad_placements=[[Replicate()] if replicated else [Partial(), Replicate()]])
+            done.append(_check_case(f"direct grouped_weighted_sum {dtype} {placements}", mesh,
+                                    lambda w_, x: ops.grouped_weighted_sum(w_, x), wg, flat, placements, **common))
+            done.append(_check_case(f"direct grouped_simplex_weighted_sum {dtype} {placements}", mesh,
+                                    lambda w_, x: ops.grouped_simplex_weighted_sum(w_, x, "softmax", 0.7),
+                                    wg, flat, placements, **common))
+
+    # Errors name the argument.
+    wd = distribute_tensor(torch.ones(2), mesh, [Replicate()])
+    x0 = distribute_tensor(torch.randn(4, 2), mesh, [Shard(0)])
+    done.append(_expect_error("direct placements", RuntimeError, "inputs[1] has placements (Shard(dim=1))",
+                              lambda: ops.weighted_sum(wd, [x0, distribute_tensor(torch.randn(4, 2), mesh,
+                                                                                    [Shard(1)])])))
+    bad_w = distribute_tensor(torch.ones(4, 2, 2), mesh, [Shard(0)])
+    x1 = [distribute_tensor(torch.randn(4, 2), mesh, [Shard(1)])] * 2
+    done.append(_expect_error("direct weights placement", RuntimeError,
+                              "weights has placement Shard(dim=0) on mesh dimension 0, where the inputs have Shard(dim=1)",
+                              lambda: ops.weighted_sum(bad_w, x1)))
+    with torch.inference_mode():  # with autograd, the contraction of the mapped logits checks them: "weights"
+        done.append(_expect_error("direct logits placement", RuntimeError,
+                                  "logits has placement Shard(dim=0) on mesh dimension 0",
+                                  lambda: ops.simplex_weighted_sum(bad_w, x1)))
+    return done
+
+
 def dtensor_ops(rank, world_size):
     """One rank: every case on the compiled path (when the extension is
     loaded) and on the fallback."""
@@ -172,11 +309,12 @@ def dtensor_ops(rank, world_size):
     mesh = init_device_mesh("cpu", (world_size,))
     results = {}
     if sp.extension_loaded():
-        results["compiled"] = _cases(rank, mesh)
+        results["compiled"] = _cases(rank, mesh) + _public_extras(mesh)
+        results["direct"] = _direct_cases(mesh)
     kernels = ops._KERNEL_DEVICES
     ops._KERNEL_DEVICES = {}  # the fallback, as without the extension
     try:
-        results["fallback"] = _cases(rank, mesh)
+        results["fallback"] = _cases(rank, mesh) + _public_extras(mesh)
     finally:
         ops._KERNEL_DEVICES = kernels
     return results
@@ -184,8 +322,8 @@ def dtensor_ops(rank, world_size):
 
 def test_dtensor_ops_two_ranks():
     results = multiprocess.run(dtensor_ops, world_size=WORLD)
-    paths = ["compiled", "fallback"] if sp.extension_loaded() else ["fallback"]
+    counts = {"compiled": 72, "direct": 67, "fallback": 72} if sp.extension_loaded() else {"fallback": 72}
     for r in results:
-        assert sorted(r) == sorted(paths)
-        for path in paths:
-            assert len(r[path]) == 66 and r[path] == results[0][path], path
+        assert sorted(r) == sorted(counts)
+        for path, count in counts.items():
+            assert len(r[path]) == count and r[path] == results[0][path], (path, len(r[path]))
