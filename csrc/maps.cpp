@@ -31,9 +31,12 @@ at::Tensor max_subtracted(const at::Tensor& x) {
   return x - std::get<0>(x.max(-1, /*keepdim=*/true));
 }
 
-// 1, 2, ..., n in x's dtype: the ranks of a sorted row.
+// 1, 2, ..., n in x's dtype: the ranks of a sorted row, along x's last
+// dimension. Built from x itself rather than by at::arange, so that a tensor
+// subclass (a DTensor, with its placements) gets ranks of its own kind; the
+// integers are exact in every floating dtype up to 2^24 (float32).
 at::Tensor ranks(const at::Tensor& x) {
-  return at::arange(1, x.size(-1) + 1, x.options());
+  return at::ones_like(x).cumsum(-1);
 }
 
 // softmax(z / T). The division is skipped at T = 1, where it changes nothing.

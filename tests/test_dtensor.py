@@ -237,7 +237,7 @@ def _direct_cases(mesh):
                           weight_grad_placements=grad_w)
             done.append(_check_case(f"direct weighted_sum {dtype} {placements}", mesh,
                                     lambda w_, x: ops.weighted_sum(w_, x), w, xs, placements, **common))
-            for map in ("softmax", "identity", "entmax_bisect"):
+            for map in ("softmax", "identity", "entmax_bisect", "sparsemax", "entmax15"):
                 done.append(_check_case(f"direct simplex_weighted_sum {map} {dtype} {placements}", mesh,
                                         lambda w_, x, map=map: ops.simplex_weighted_sum(w_, x, map, 0.5),
                                         w, xs, placements, **common))
@@ -322,7 +322,7 @@ def dtensor_ops(rank, world_size):
 
 def test_dtensor_ops_two_ranks():
     results = multiprocess.run(dtensor_ops, world_size=WORLD)
-    counts = {"compiled": 72, "direct": 67, "fallback": 72} if sp.extension_loaded() else {"fallback": 72}
+    counts = {"compiled": 72, "direct": 79, "fallback": 72} if sp.extension_loaded() else {"fallback": 72}
     for r in results:
         assert sorted(r) == sorted(counts)
         for path, count in counts.items():
