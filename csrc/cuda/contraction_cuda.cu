@@ -84,6 +84,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_cuda(
       grad, weights, inputs, weights_requires_grad, inputs_requires_grad, skip_zero_weights, backward_kernel_cuda);
 }
 
+at::Tensor mix_cuda(const at::Tensor& weights, at::TensorList inputs) {
+  return mix_forward(weights, inputs, forward_kernel_cuda);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mix_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& weights, at::TensorList inputs, bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad) {
+  return mix_backward(grad, weights, inputs, weights_requires_grad, inputs_requires_grad, backward_kernel_cuda);
+}
+
 std::vector<at::Tensor> grouped_weighted_sum_cuda(const at::Tensor& weights, at::TensorList inputs) {
   return grouped_weighted_sum_forward(weights, inputs, forward_batch_cuda);
 }
@@ -101,6 +111,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward_cu
 TORCH_LIBRARY_IMPL(simplex_param, CUDA, m) {
   m.impl("weighted_sum", &cuda::weighted_sum_cuda);
   m.impl("_weighted_sum_backward", &cuda::weighted_sum_backward_cuda);
+  m.impl("mix", &cuda::mix_cuda);
+  m.impl("_mix_backward", &cuda::mix_backward_cuda);
   m.impl("grouped_weighted_sum", &cuda::grouped_weighted_sum_cuda);
   m.impl("_grouped_weighted_sum_backward", &cuda::grouped_weighted_sum_backward_cuda);
 }

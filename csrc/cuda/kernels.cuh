@@ -15,6 +15,12 @@
 //             writing w[r, k] * g for the wanted inputs and, for the
 //             weights' gradient, one partial dot product <g, x_k> per tile;
 //             then finish_kernel sums each row's partials in a fixed order;
+//   mix:      M > 1 outputs (contraction.h): mix_kernel, grid-stride as the
+//             forward, each thread writing a chunk of the M outputs from
+//             each input vector it loads (the others of its chunk re-read
+//             from the cache); the backward's input gradients are the same
+//             kernel over the M output gradients, and backward_kernel
+//             loops over the M gradients for the weights' gradient;
 //   grouped:  one launch per dtype over the tiles of all its groups, driven
 //             by a table in device memory (Table); then, for the weights'
 //             gradient, one launch of grouped_finish_kernel.
@@ -42,6 +48,8 @@ constexpr int kFwdChunk = 32;
 // Input pointers per backward launch: each thread keeps one dot-product
 // accumulator per input of the chunk in registers.
 constexpr int kBwdChunk = 16;
+// Outputs per mix_kernel launch.
+constexpr int kMixOuts = 8;
 // Vectors per thread in a backward tile.
 constexpr int kTileVecs = 8;
 
@@ -85,6 +93,17 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// step(width tag, i) for every element i < n, grid-stride over the threads
+// of the launch: vectors of V elements, then the scalar tail.
+template <int V, typename F>
+__device__ __forceinline__ void grid_stride(int64_t n, F&& step) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t nv = n / V;
+  for (int64_t v = tid; v < nv; v += stride) step(std::integral_constant<int, V>{}, v * V);
+  for (int64_t i = nv * V + tid; i < n; i += stride) step(std::integral_constant<int, 1>{}, i);
+}
+
 // out (or acc_out, when more chunks follow) = sum over the chunk's kc inputs
 // of w[row, k] * x_k, plus acc_in when given. `w` points at the chunk's
 // first column; rows are K apart. V divides row_len unless there is one row.
@@ -116,11 +135,7 @@ forward_kernel(
       store<VV>(out + i, acc);
     }
   };
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t nv = n / V;
-  for (int64_t v = tid; v < nv; v += stride) step(std::integral_constant<int, V>{}, v * V);
-  for (int64_t i = nv * V + tid; i < n; i += stride) step(std::integral_constant<int, 1>{}, i);
+  grid_stride<V>(n, step);
 }
 
 // One tile of the backward, [begin, end) of one row, for the chunk's kc
@@ -183,21 +198,72 @@ __device__ __forceinline__ void backward_tile(
 
 // Block b does tile (row, piece) = (b / pieces, b % pieces), the elements
 // [piece * tile_len, (piece + 1) * tile_len) of its row, for the chunk's
-// inputs; the dot products go to partials[(row * K + k) * pieces + piece]
-// (partials points at the chunk's first input). tile_len and row_len are
-// multiples of V unless there is one row.
+// inputs and each of the M outputs' gradients (contraction.h: that of
+// output m of row r starts at (r * M + m) * row_len; dxs all null when M >
+// 1); the dot products go to partials[((row * M + m) * K + k) * pieces +
+// piece] (partials points at the chunk's first input). tile_len and row_len
+// are multiples of V unless there is one row.
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
 backward_kernel(
     const scalar_t* __restrict__ grad, Ptrs<const scalar_t, kBwdChunk> xs, Ptrs<scalar_t, kBwdChunk> dxs,
-    int kc, const acc_t* __restrict__ w, int64_t K, int64_t row_len, int64_t pieces, int64_t tile_len,
+    int kc, const acc_t* __restrict__ w, int64_t K, int64_t M, int64_t row_len, int64_t pieces, int64_t tile_len,
     acc_t* __restrict__ partials, bool skip_zero) {
   __shared__ acc_t dots[kBwdChunk][kWarps];
   const int64_t row = blockIdx.x / pieces, piece = blockIdx.x % pieces;
   const int64_t begin = row * row_len + piece * tile_len;
   const int64_t end = row * row_len + ((piece + 1) * tile_len < row_len ? (piece + 1) * tile_len : row_len);
-  acc_t* dst = partials != nullptr ? partials + row * K * pieces + piece : nullptr;
-  backward_tile<scalar_t, acc_t, V>(grad, xs, dxs, kc, w + row * K, begin, end, dst, pieces, skip_zero, dots);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t shift = (row * (M - 1) + m) * row_len;  // of output m's gradient, indexed as the inputs
+    acc_t* dst = partials != nullptr ? partials + (row * M + m) * K * pieces + piece : nullptr;
+    backward_tile<scalar_t, acc_t, V>(grad + shift, xs, dxs, kc, w + (row * M + m) * K, begin, end, dst, pieces,
+                                      skip_zero, dots);
+  }
+}
+
+// out_j = sum over the chunk's kc inputs of w[row, j, k] * x_k, for the mc
+// outputs j of the chunk (outs.p[j] null: not wanted), plus acc_in, or into
+// acc_out when more input chunks follow (the running sums, output j at
+// j * n). Weight (row, j, k) is w[row * w_row + j * w_out + k * w_in]; input
+// k's element i of row r is xs.p[k][i + r * x_skip], output j's
+// outs.p[j][i + r * out_skip]: mix's forward has x_skip 0 and out_skip
+// (M - 1) * row_len; its backward's input gradients, the M output gradients
+// as inputs (x_skip (M - 1) * row_len) and the weights transposed. The
+// order of arithmetic is forward_kernel's: fma in k order, weight 0 unread.
+// V divides row_len.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+mix_kernel(
+    Ptrs<const scalar_t, kFwdChunk> xs, int kc, int64_t x_skip, Ptrs<scalar_t, kMixOuts> outs, int mc,
+    int64_t out_skip, const acc_t* __restrict__ w, int64_t w_row, int64_t w_out, int64_t w_in, int64_t row_len,
+    const acc_t* acc_in, acc_t* acc_out, int64_t n) {
+  auto step = [&](auto v_tag, int64_t i) {
+    constexpr int VV = decltype(v_tag)::value;
+    const int64_t row = i / row_len;
+    for (int j = 0; j < mc; ++j) {
+      if (outs.p[j] == nullptr) continue;
+      const acc_t* wr = w + row * w_row + j * w_out;
+      acc_t acc[VV];
+#pragma unroll
+      for (int q = 0; q < VV; ++q) acc[q] = acc_in != nullptr ? acc_in[j * n + i + q] : acc_t(0);
+#pragma unroll 4
+      for (int k = 0; k < kc; ++k) {
+        const acc_t wk = wr[k * w_in];
+        if (wk == acc_t(0)) continue;
+        acc_t x[VV];
+        load<VV>(xs.p[k] + i + row * x_skip, x);
+#pragma unroll
+        for (int q = 0; q < VV; ++q) acc[q] = fma(wk, x[q], acc[q]);
+      }
+      if (acc_out != nullptr) {
+#pragma unroll
+        for (int q = 0; q < VV; ++q) acc_out[j * n + i + q] = acc[q];
+      } else {
+        store<VV>(outs.p[j] + i + row * out_skip, acc);
+      }
+    }
+  };
+  grid_stride<V>(n, step);
 }
 
 // grad_w[i] = sum over p of partials[i * pieces + p], i < count, one warp

@@ -40,11 +40,12 @@ inline bool aligned(const void* p) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
 }
 
-// Vector width: V when every pointer is aligned and vectors stay in a row.
+// Vector width: V when every pointer is aligned and vectors stay in a row
+// (with M > 1 outputs, in one output's range of a row).
 template <typename scalar_t>
 bool vectorizable(const Contraction& c) {
   constexpr int V = kVecBytes / sizeof(scalar_t);
-  bool ok = aligned(c.out) && aligned(c.grad) && (c.rows == 1 || c.row_len % V == 0);
+  bool ok = aligned(c.out) && aligned(c.grad) && ((c.rows == 1 && c.M == 1) || c.row_len % V == 0);
   for (const void* p : c.x) ok = ok && aligned(p);
   for (const void* p : c.grad_x) ok = ok && aligned(p);
   return ok;
@@ -63,7 +64,17 @@ constexpr at::ScalarType acc_scalar_type() {
 }
 
 template <typename scalar_t, typename acc_t, int V, typename R>
+void launch_mix(const Contraction& c, const std::vector<const void*>& xs_all, int64_t x_skip,
+                const std::vector<void*>& outs_all, int64_t out_skip, int64_t w_out, int64_t w_in, const R& rt);
+
+template <typename scalar_t, typename acc_t, int V, typename R>
 void launch_forward(const Contraction& c, const R& rt) {
+  if (c.M != 1) {  // mix: output m of row r starts at (r * M + m) * row_len
+    std::vector<void*> outs;
+    for (int64_t m = 0; m < c.M; ++m) outs.push_back(static_cast<scalar_t*>(c.out) + m * c.row_len);
+    launch_mix<scalar_t, acc_t, V>(c, c.x, 0, outs, (c.M - 1) * c.row_len, /*w_out=*/c.K, /*w_in=*/1, rt);
+    return;
+  }
   const int64_t n = c.rows * c.row_len;
   const int64_t blocks = grid_blocks(n, V, rt);
   at::Tensor acc_buf;  // the running sum between chunks, when there are several
@@ -80,6 +91,43 @@ void launch_forward(const Contraction& c, const R& rt) {
   }
 }
 
+// mix_kernel over `xs` (as inputs, x_skip apart from row to row) into
+// `outs` (null: not wanted; out_skip apart), with weight (row, j, k) at
+// c.w[row * M * K + j * w_out + k * w_in]: chunks of kMixOuts outputs, each
+// over chunks of kFwdChunk inputs carrying the running sums in a buffer.
+template <typename scalar_t, typename acc_t, int V, typename R>
+void launch_mix(const Contraction& c, const std::vector<const void*>& xs_all, int64_t x_skip,
+                const std::vector<void*>& outs_all, int64_t out_skip, int64_t w_out, int64_t w_in, const R& rt) {
+  const int64_t n = c.rows * c.row_len;
+  const int64_t blocks = grid_blocks(n, V, rt);
+  const int64_t K = static_cast<int64_t>(xs_all.size()), M = static_cast<int64_t>(outs_all.size());
+  at::Tensor acc_buf;  // the running sums between input chunks, when there are several
+  if (K > kFwdChunk) {
+    acc_buf = at::empty({std::min<int64_t>(M, kMixOuts) * n}, rt.scratch(c.device).dtype(acc_scalar_type<acc_t>()));
+  }
+  acc_t* acc = acc_buf.defined() ? acc_buf.mutable_data_ptr<acc_t>() : nullptr;
+  const acc_t* w = static_cast<const acc_t*>(c.w);
+  for (int64_t j0 = 0; j0 < M; j0 += kMixOuts) {
+    const int mc = static_cast<int>(std::min<int64_t>(kMixOuts, M - j0));
+    Ptrs<scalar_t, kMixOuts> outs{};
+    bool any = false;
+    for (int j = 0; j < mc; ++j) {
+      outs.p[j] = static_cast<scalar_t*>(outs_all[j0 + j]);
+      any = any || outs.p[j] != nullptr;
+    }
+    if (!any) continue;
+    for (int64_t k0 = 0; k0 < K; k0 += kFwdChunk) {
+      const int kc = static_cast<int>(std::min<int64_t>(kFwdChunk, K - k0));
+      Ptrs<const scalar_t, kFwdChunk> xs{};
+      for (int k = 0; k < kc; ++k) xs.p[k] = static_cast<const scalar_t*>(xs_all[k0 + k]);
+      const bool last = k0 + kc == K;
+      rt.launch(&mix_kernel<scalar_t, acc_t, V>, blocks, xs, kc, x_skip, outs, mc, out_skip,
+                w + j0 * w_out + k0 * w_in, c.M * c.K, w_out, w_in, c.row_len, k0 == 0 ? nullptr : acc,
+                last ? nullptr : acc, n);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t, int V, typename R>
 void launch_backward(const Contraction& c, const R& rt) {
   const int64_t tile_len = int64_t{kThreads} * V * kTileVecs;
@@ -88,8 +136,13 @@ void launch_backward(const Contraction& c, const R& rt) {
   TORCH_CHECK(blocks < (int64_t{1} << 31), "simplex_param: too many rows for one CUDA launch: ", c.rows);
   const bool need_dot = c.grad_w != nullptr;
   at::Tensor partials;
-  if (need_dot) partials = at::empty({c.rows * c.K * pieces}, rt.scratch(c.device).dtype(acc_scalar_type<acc_t>()));
+  if (need_dot) {
+    partials = at::empty({c.rows * c.M * c.K * pieces}, rt.scratch(c.device).dtype(acc_scalar_type<acc_t>()));
+  }
   const acc_t* w = static_cast<const acc_t*>(c.w);
+  // With M > 1 outputs, this launch gives the dot products only; the input
+  // gradients are launch_mix's, below.
+  const bool scaled_dx = c.M == 1;
   for (int64_t k0 = 0; k0 < c.K; k0 += kBwdChunk) {
     const int kc = static_cast<int>(std::min<int64_t>(kBwdChunk, c.K - k0));
     Ptrs<const scalar_t, kBwdChunk> xs{};
@@ -97,16 +150,23 @@ void launch_backward(const Contraction& c, const R& rt) {
     bool any = need_dot;
     for (int k = 0; k < kc; ++k) {
       if (need_dot) xs.p[k] = static_cast<const scalar_t*>(c.x[k0 + k]);
-      dxs.p[k] = static_cast<scalar_t*>(c.grad_x[k0 + k]);
+      if (scaled_dx) dxs.p[k] = static_cast<scalar_t*>(c.grad_x[k0 + k]);
       any = any || dxs.p[k] != nullptr;
     }
     if (!any) continue;  // nothing of this chunk is wanted
     rt.launch(&backward_kernel<scalar_t, acc_t, V>, blocks, static_cast<const scalar_t*>(c.grad), xs, dxs, kc,
-              w + k0, c.K, c.row_len, pieces, tile_len,
+              w + k0, c.K, c.M, c.row_len, pieces, tile_len,
               need_dot ? partials.mutable_data_ptr<acc_t>() + k0 * pieces : nullptr, c.skip_zero_weights);
   }
+  if (!scaled_dx) {
+    // dx_k = sum_m w[r, m, k] * g_m: the M gradients as inputs, the weights
+    // transposed, the K input gradients as outputs.
+    std::vector<const void*> gs;
+    for (int64_t m = 0; m < c.M; ++m) gs.push_back(static_cast<const scalar_t*>(c.grad) + m * c.row_len);
+    launch_mix<scalar_t, acc_t, V>(c, gs, (c.M - 1) * c.row_len, c.grad_x, 0, /*w_out=*/1, /*w_in=*/c.K, rt);
+  }
   if (need_dot) {
-    const int64_t count = c.rows * c.K;
+    const int64_t count = c.rows * c.M * c.K;
     TORCH_CHECK((count + kWarps - 1) / kWarps < (int64_t{1} << 31),
                 "simplex_param: too many weights for one CUDA launch: ", count);
     rt.launch(&finish_kernel<acc_t>, (count + kWarps - 1) / kWarps, partials.const_data_ptr<acc_t>(), count, pieces,

@@ -2,7 +2,7 @@
 
 The same cases run on the emulation (HIP CPU runtime, `make cuda-emulate`)
 and on a real GPU (`make gpu-check`); each is a call of the forward and one
-of the backward of `weighted_sum` or `grouped_weighted_sum`. Inputs come
+of the backward of `weighted_sum`, `mix` or `grouped_weighted_sum`. Inputs come
 from a seeded CPU generator, so both machines see the same bits.
 
 The oracle is the contraction's definition (csrc/contraction.h) in float64,
@@ -17,6 +17,9 @@ bounds of the kernels' order of arithmetic (docs/cuda.md):
                  tiles): D u sum |g x|;
 each plus the final rounding to the output dtype (its eps times the value,
 and its smallest subnormal), u being the accumulation dtype's unit roundoff.
+For mix (M outputs), each output is a contraction of the inputs, and each
+input gradient one of the M output gradients (M fused multiply-adds:
+M u sum_m |w g_m|).
 """
 import itertools
 from dataclasses import dataclass, field
@@ -37,13 +40,14 @@ GRAD_PATTERNS = ((True, "all"), (True, "none"), (False, "alternate"), (True, "al
 class Case:
     name: str
     grouped: bool
-    weights: torch.Tensor            # (K,) or (*P, K); grouped: (G, K)
+    weights: torch.Tensor            # (K,) or (*P, K); grouped: (G, K); mix: (M, K) or (*P, M, K)
     inputs: list                     # K tensors; grouped: G * K
     grads: list                      # the outputs' gradients (one, or one per group)
     weights_requires_grad: bool
     inputs_requires_grad: list
     skip_zero_weights: bool = False
     notes: dict = field(default_factory=dict)
+    mix: bool = False
 
     def to(self, device):
         moved = dict(self.__dict__)
@@ -149,14 +153,49 @@ def grouped_cases():
                        weights_requires_grad=w_rg, inputs_requires_grad=rg)
 
 
+# mix: (weights shape, inputs shape, dtype): shared and per-row matrices,
+# mHC's (tokens, n, n + 1), more outputs than a launch writes (8) and more
+# inputs than it reads (32), unaligned lengths (no vectors) and backward
+# tiles cut into pieces.
+MIX = (
+    ((3, 5), (20011,), torch.float32),
+    ((64, 4, 5), (64, 256), torch.bfloat16),
+    ((7, 2, 3), (7, 1003), torch.float16),
+    ((2, 9, 33), (2, 640), torch.float32),
+    ((5, 1, 4), (5, 100), torch.float64),
+    ((3, 3, 2), (3, 9000), torch.float32),
+)
+
+
+def mix_cases():
+    for i, (wshape, shape, dtype) in enumerate(MIX):
+        gen = torch.Generator().manual_seed(7000 + i)
+        w = torch.rand(wshape, generator=gen, dtype=torch.float64).to(acc_dtype(dtype))
+        w[..., 0, -1] = 0  # a zero weight of output 0; its input is still read by the others
+        K, M = wshape[-1], wshape[-2]
+        xs = [_values(gen, shape, dtype, offset=i % 2) for _ in range(K)]
+        out_shape = shape[:len(wshape) - 2] + (M,) + shape[len(wshape) - 2:]
+        w_rg, pattern = GRAD_PATTERNS[i % len(GRAD_PATTERNS)]
+        yield Case(name=f"mix/{str(dtype)[6:]}/M{M}/K{K}/{'x'.join(map(str, shape))}/w{int(w_rg)}-{pattern}",
+                   grouped=False, mix=True, weights=w, inputs=xs, grads=[_values(gen, out_shape, dtype)],
+                   weights_requires_grad=w_rg, inputs_requires_grad=_requires(pattern, K))
+
+
 def all_cases():
-    return list(single_cases()) + list(grouped_cases())
+    return list(single_cases()) + list(grouped_cases()) + list(mix_cases())
 
 
 def run(case, ops):
     """Forward and backward of `case` through `ops` (torch.ops.simplex_param
     or torch.ops.simplex_param_emulated): a dict of named output tensors."""
-    if case.grouped:
+    if case.mix:
+        outs = [ops.mix(case.weights, case.inputs)]
+        grad_w, grad_x = ops._mix_backward(
+            case.grads[0], case.weights, case.inputs if case.weights_requires_grad else [],
+            case.weights_requires_grad, case.inputs_requires_grad)
+        wanted = [k for k, r in enumerate(case.inputs_requires_grad) if r]
+        grad_x = [grad_x[k] for k in wanted]
+    elif case.grouped:
         outs = ops.grouped_weighted_sum(case.weights, case.inputs)
         grad_w, grad_x = ops._grouped_weighted_sum_backward(
             case.grads, case.weights, case.inputs, case.weights_requires_grad, case.inputs_requires_grad)
@@ -214,8 +253,35 @@ def _contraction(w, xs, grad, skip, dtype, row_len):
     return (out, tol_out), (gw, tol_gw), (gx, tol_gx)
 
 
+def _mix_oracle(case):
+    """mix: each output m the contraction of the inputs with the weights' row
+    m, each input gradient k the contraction of the M output gradients with
+    column k."""
+    w, xs, g = case.weights, case.inputs, case.grads[0]
+    dtype, shape = xs[0].dtype, xs[0].shape
+    K, M, lead = w.shape[-1], w.shape[-2], w.dim() - 2
+    rows = w.reshape(-1, M, K)
+    gs = list(g.unbind(lead))
+    outs, gws, tol_gws = [], [], []
+    for m in range(M):
+        (out, tol), (gw, tol_gw), _ = _contraction(rows[:, m], xs, gs[m], False, dtype, xs[0].numel() // rows.shape[0])
+        outs.append((out.reshape(shape), tol.reshape(shape)))
+        gws.append(gw)
+        tol_gws.append(tol_gw)
+    expected = {"out0": (torch.stack([o for o, _ in outs], lead), torch.stack([t for _, t in outs], lead))}
+    if case.weights_requires_grad:
+        expected["grad_w"] = (torch.stack(gws, 1).reshape(w.shape), torch.stack(tol_gws, 1).reshape(w.shape))
+    for k, r in enumerate(case.inputs_requires_grad):
+        if r:
+            (gx, tol), _, _ = _contraction(rows[:, :, k], gs, gs[0], False, dtype, xs[0].numel() // rows.shape[0])
+            expected[f"grad_x{k}"] = (gx.reshape(shape), tol.reshape(shape))
+    return expected
+
+
 def oracle(case):
     """The expected outputs of `case` as {name: (value, tolerance)} in float64."""
+    if case.mix:
+        return _mix_oracle(case)
     expected = {}
     if case.grouped:
         G, K = case.weights.shape

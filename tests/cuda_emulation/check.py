@@ -83,7 +83,7 @@ def main(argv=None):
         got = C.run(case.to(device), ops)
         results[case.name] = {n: fingerprint(t) for n, t in got.items()}
         problems = C.mismatches(got, C.oracle(case))
-        if reference is not None:
+        if reference is not None and not case.mix:  # mix's input gradients are sums: other roundings
             cpu = C.run(case, reference)
             problems += [f"{n}: not the CPU kernels' bits" for n in got
                          if n.startswith("grad_x") and not torch.equal(got[n].view(-1).view(torch.uint8),

@@ -70,6 +70,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weighted_sum_backward_(
       grad, weights, inputs, weights_requires_grad, inputs_requires_grad, skip_zero_weights, backward_kernel);
 }
 
+at::Tensor mix(const at::Tensor& weights, at::TensorList inputs) {
+  return mix_forward(weights, inputs, forward_kernel);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mix_backward_(
+    const at::Tensor& grad, const at::Tensor& weights, at::TensorList inputs, bool weights_requires_grad,
+    const c10::List<bool>& inputs_requires_grad) {
+  return mix_backward(grad, weights, inputs, weights_requires_grad, inputs_requires_grad, backward_kernel);
+}
+
 std::vector<at::Tensor> grouped_weighted_sum(const at::Tensor& weights, at::TensorList inputs) {
   return grouped_weighted_sum_forward(weights, inputs, forward_batch);
 }
@@ -84,13 +94,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward_(
 } // namespace
 } // namespace emulation
 
-// The schemas of csrc/simplex_param.cpp, for the four ops with CUDA kernels.
+// The schemas of csrc/simplex_param.cpp, for the ops with CUDA kernels.
 TORCH_LIBRARY(simplex_param_emulated, m) {
   m.def("weighted_sum(Tensor weights, Tensor[] inputs) -> Tensor");
   m.def(
       "_weighted_sum_backward(Tensor grad, Tensor weights, Tensor[] inputs, "
       "bool weights_requires_grad, bool[] inputs_requires_grad, bool skip_zero_weights=False) "
       "-> (Tensor, Tensor[])");
+  m.def("mix(Tensor weights, Tensor[] inputs) -> Tensor");
+  m.def(
+      "_mix_backward(Tensor grad, Tensor weights, Tensor[] inputs, "
+      "bool weights_requires_grad, bool[] inputs_requires_grad) -> (Tensor, Tensor[])");
   m.def("grouped_weighted_sum(Tensor weights, Tensor[] inputs) -> Tensor[]");
   m.def(
       "_grouped_weighted_sum_backward(Tensor[] grads, Tensor weights, Tensor[] inputs, "
@@ -100,6 +114,8 @@ TORCH_LIBRARY(simplex_param_emulated, m) {
 TORCH_LIBRARY_IMPL(simplex_param_emulated, CPU, m) {
   m.impl("weighted_sum", &emulation::weighted_sum);
   m.impl("_weighted_sum_backward", &emulation::weighted_sum_backward_);
+  m.impl("mix", &emulation::mix);
+  m.impl("_mix_backward", &emulation::mix_backward_);
   m.impl("grouped_weighted_sum", &emulation::grouped_weighted_sum);
   m.impl("_grouped_weighted_sum_backward", &emulation::grouped_weighted_sum_backward_);
 }
