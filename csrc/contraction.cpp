@@ -105,6 +105,30 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> stacked_layout(
   return {out_sizes, out_strides};
 }
 
+// The inputs as the kernels read them: in the layout `strides`, copied where
+// they are not; for mix (skips not null), read in place where their rows
+// are one stride apart (row_skip), with that skip in `skips`.
+std::vector<at::Tensor> read_layout(
+    at::TensorList inputs, at::IntArrayRef strides, int64_t row_dims, int64_t row_len, std::vector<int64_t>* skips) {
+  std::vector<at::Tensor> xs;
+  xs.reserve(inputs.size());
+  bool any_skip = false;
+  for (const at::Tensor& x : inputs) {
+    const std::optional<int64_t> skip =
+        skips != nullptr ? row_skip(x, strides, row_dims, row_len) : std::optional<int64_t>{};
+    if (skip.has_value()) {
+      xs.push_back(x);
+      skips->push_back(*skip);
+      any_skip = any_skip || *skip != 0;
+    } else {
+      xs.push_back(in_layout(x, strides));
+      if (skips != nullptr) skips->push_back(0);
+    }
+  }
+  if (skips != nullptr && !any_skip) skips->clear();  // the kernels' plain case
+  return xs;
+}
+
 // The forward of weighted_sum (stacked false: weights (*P, K), M = 1, the
 // output shaped as the inputs) and of mix (stacked: weights (*P, M, K)).
 at::Tensor contraction_forward(
@@ -112,11 +136,10 @@ at::Tensor contraction_forward(
   const int64_t row_dims = weights.dim() - (stacked ? 2 : 1);
   const int64_t M = stacked ? weights.size(-2) : 1;
   const std::vector<int64_t> strides = walk_strides(inputs, row_dims);
-  std::vector<at::Tensor> xs;
-  xs.reserve(inputs.size());
-  for (const at::Tensor& x : inputs) xs.push_back(in_layout(x, strides));
-  const int64_t rows = num_rows(weights, row_dims), n = xs[0].numel();
+  const int64_t rows = num_rows(weights, row_dims), n = inputs[0].numel();
   const int64_t row_len = rows == 0 ? 0 : n / rows;
+  std::vector<int64_t> skips;
+  const std::vector<at::Tensor> xs = read_layout(inputs, strides, row_dims, row_len, stacked ? &skips : nullptr);
   at::Tensor out;
   if (stacked) {
     const auto [sizes, out_strides] = stacked_layout(xs[0].sizes(), strides, row_dims, M, row_len);
@@ -136,6 +159,7 @@ at::Tensor contraction_forward(
   c.device = out.device();
   c.w = w.const_data_ptr();
   for (const at::Tensor& x : xs) c.x.push_back(x.const_data_ptr());
+  c.x_skip = std::move(skips);
   c.out = out.mutable_data_ptr();
   c.stream_stores = stream_stores(out.nbytes());
   c.inputs_in_cache = !beyond_cache(xs[0].nbytes() * c.K);
@@ -162,15 +186,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> contraction_backward(
   // M outputs stacked in the gradient of mix.
   std::vector<at::Tensor> operands{grad_out};
   if (weights_requires_grad) operands.insert(operands.end(), inputs.begin(), inputs.end());
-  std::vector<int64_t> sizes, strides;  // of the inputs
+  std::vector<int64_t> sizes, strides, skips;  // of the inputs
   if (stacked) {
     sizes = grad_out.sizes().vec();
     sizes.erase(sizes.begin() + row_dims);
     const at::TensorList xs = at::TensorList(operands).slice(1);
     strides = xs.empty() ? contiguous_strides(sizes) : walk_strides(xs, row_dims);
-    for (size_t i = 1; i < operands.size(); ++i) operands[i] = in_layout(operands[i], strides);
-    const int64_t n = c10::multiply_integers(sizes);
-    const auto [grad_sizes, grad_strides] = stacked_layout(sizes, strides, row_dims, M, rows == 0 ? 0 : n / rows);
+    const int64_t n = c10::multiply_integers(sizes), row_len = rows == 0 ? 0 : n / rows;
+    const std::vector<at::Tensor> read = read_layout(xs, strides, row_dims, row_len, &skips);
+    std::copy(read.begin(), read.end(), operands.begin() + 1);
+    const auto [grad_sizes, grad_strides] = stacked_layout(sizes, strides, row_dims, M, row_len);
     operands[0] = in_layout(operands[0], grad_strides);
   } else {
     sizes = grad_out.sizes().vec();
@@ -203,6 +228,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> contraction_backward(
     grad_w = at::empty({rows, M * K}, options.dtype(acc_type(c.dtype)));
     c.grad_w = grad_w.mutable_data_ptr();
     for (size_t i = 1; i < operands.size(); ++i) c.x.push_back(operands[i].const_data_ptr());
+    c.x_skip = std::move(skips);
   }
   if (n == 0 || M == 0) {  // nothing to read: the gradients are 0
     if (weights_requires_grad) grad_w.zero_();

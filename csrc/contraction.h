@@ -30,6 +30,8 @@ struct Contraction {
   at::Device device{at::kCPU};      // of every operand
   const void* w = nullptr;          // rows x M x K weights, accumulation dtype, contiguous
   std::vector<const void*> x;       // K inputs (backward: empty when grad_w is null)
+  std::vector<int64_t> x_skip;      // empty, or per input: its row r starts at
+                                    // r * (row_len + x_skip[k]) (mix only)
   void* out = nullptr;              // forward: the M outputs
   const void* grad = nullptr;       // backward: the M outputs' gradient
   std::vector<void*> grad_x;        // backward: K gradients, null where not wanted

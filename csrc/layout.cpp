@@ -2,6 +2,8 @@
 
 #include <ATen/Functions.h>
 
+#include <algorithm>
+
 namespace simplex_param {
 namespace {
 
@@ -36,6 +38,25 @@ std::vector<int64_t> walk_strides(at::TensorList tensors, int64_t row_dims) {
     expected *= std::max<int64_t>(t0.size(i), 1);
   }
   return strides;
+}
+
+std::optional<int64_t> row_skip(const at::Tensor& t, at::IntArrayRef strides, int64_t row_dims, int64_t row_len) {
+  for (int64_t i = row_dims; i < t.dim(); ++i) {
+    if (t.size(i) > 1 && t.stride(i) != strides[i]) return std::nullopt;
+  }
+  // One stride from row to row: the row dimensions collapse into one.
+  std::optional<int64_t> row_stride;
+  int64_t later = 1;  // rows per step of dimension i
+  for (int64_t i = row_dims - 1; i >= 0; --i) {
+    if (t.size(i) > 1) {
+      if (t.stride(i) % later != 0) return std::nullopt;
+      const int64_t r = t.stride(i) / later;
+      if (row_stride && *row_stride != r) return std::nullopt;
+      row_stride = r;
+    }
+    later *= t.size(i);
+  }
+  return row_stride ? *row_stride - row_len : 0;
 }
 
 at::Tensor in_layout(const at::Tensor& t, at::IntArrayRef strides) {

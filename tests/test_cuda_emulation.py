@@ -60,7 +60,7 @@ FAULTS = {
                              "const int64_t tid = threadIdx.x;"),
     # mix's inputs read at the first row's offset in every row: the input
     # gradients of per-row matrices (the M output gradients as inputs) wrong
-    "mix-row-skip-dropped": ("load<VV>(xs.p[k] + i + row * x_skip, x);", "load<VV>(xs.p[k] + i, x);"),
+    "mix-row-skip-dropped": ("load<VV>(xs.p[k] + i + row * x_skip.s[k], x);", "load<VV>(xs.p[k] + i, x);"),
     # the warp reduction starts at offset 8: lanes 16..31 are dropped
     "reduction-drops-half-the-lanes": ("for (int off = 16; off > 0; off >>= 1)",
                                        "for (int off = 8; off > 0; off >>= 1)"),

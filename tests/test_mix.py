@@ -210,3 +210,28 @@ def test_backward_op_errors_name_the_argument():
         bwd(torch.ones(2, 5), w, xs, True, [True] * 4)
     with pytest.raises(ValueError, match="inputs_requires_grad has 2 entries but weights has 4"):
         bwd(torch.ones(2, 3, 5), w, xs, True, [True] * 2)
+
+
+def test_slices_and_expanded_inputs_as_hyper_connections_pass_them():
+    """HyperConnections.post's call: the layer output and the n streams of a
+    residual (tokens, n, C) as slices (on the compiled path, read in place),
+    plus an input expanded over the tokens: the definition's values and
+    gradients, and the output laid out as a residual."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        residual = torch.randn(6, 4, 3000, generator=gen).to(dtype).requires_grad_()
+        bias = torch.randn(3000, generator=gen).to(dtype).requires_grad_()
+        x = torch.randn(6, 3000, generator=gen).to(dtype).requires_grad_()
+        w = torch.rand(6, 4, 6, generator=gen, requires_grad=True)
+        inputs = [x, *residual.unbind(1), bias.expand(6, 3000)]
+        out = sp.mix(w, inputs)
+        assert out.shape == (6, 4, 3000) and out.is_contiguous()
+        assert_close(out, oracle(w.detach(), [t.detach() for t in inputs]).to(dtype))
+        g = torch.randn(out.shape, generator=gen).to(dtype)
+        got = torch.autograd.grad(out, [w, x, residual, bias], g)
+        leaves = [t.detach().double().requires_grad_() for t in (w, x, residual, bias)]
+        want = torch.autograd.grad(
+            oracle(leaves[0], [leaves[1], *leaves[2].unbind(1), leaves[3].expand(6, 3000)]), leaves, g.double())
+        rtol = 1e-5 if dtype == torch.float32 else 2e-2
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * b.abs().max().item())

@@ -432,10 +432,23 @@ struct Operands {
   std::vector<scalar_t*> grad_x;
   const acc_t* w;
 
-  explicit Operands(const Contraction& c) : w(static_cast<const acc_t*>(c.w)) {
+  explicit Operands(const Contraction& c) : w(static_cast<const acc_t*>(c.w)), skip(c.x_skip) {
     for (const void* p : c.x) x.push_back(static_cast<const scalar_t*>(p));
     for (void* p : c.grad_x) grad_x.push_back(static_cast<scalar_t*>(p));
+    shifted.resize(skip.empty() ? 0 : x.size());
   }
+
+  // The inputs for the segments of `row`, indexed as the row's range in the
+  // flat layout: each shifted by its row skip (contraction.h), if any.
+  const scalar_t* const* inputs(int64_t row) const {
+    if (skip.empty()) return x.data();
+    for (size_t k = 0; k < x.size(); ++k) shifted[k] = x[k] + row * skip[k];
+    return shifted.data();
+  }
+
+ private:
+  std::vector<int64_t> skip;
+  mutable std::vector<const scalar_t*> shifted;
 };
 
 // The first element of output m of `row` in the flat range of the M outputs
@@ -455,8 +468,9 @@ void forward_tiles(const Contraction& c, const Tiles& tiles, int64_t t0, int64_t
     tiles.for_each_segment(t, [&](int64_t row, int64_t, int64_t start, int64_t len) {
       // The M outputs one after the other: the segment of every input is read
       // from memory once, by the first, and from the cache by the others.
+      const scalar_t* const* xs = ops.inputs(row);
       for (int64_t m = 0; m < c.M; ++m) {
-        forward_segment(ops.x.data(), ops.w + (row * c.M + m) * c.K, c.K, out + output_shift(c, row, m), start, len,
+        forward_segment(xs, ops.w + (row * c.M + m) * c.K, c.K, out + output_shift(c, row, m), start, len,
                         c.stream_stores, streams);
       }
     });
@@ -485,8 +499,9 @@ struct MixBackward {
     for (int64_t m = 0; m < c.M; ++m) g[m] = grad + output_shift(c, row, m);
     const acc_t* w = ops.w + row * c.M * c.K;
     if (dots != nullptr) {
+      const scalar_t* const* xs = ops.inputs(row);
       for (int64_t m = 0; m < c.M; ++m) {
-        backward_segment(g[m], ops.x.data(), w + m * c.K, c.K, no_dx.data(), dots + m * c.K, c.skip_zero_weights,
+        backward_segment(g[m], xs, w + m * c.K, c.K, no_dx.data(), dots + m * c.K, c.skip_zero_weights,
                          false, start, len);
       }
     }
@@ -519,7 +534,7 @@ void backward_tiles(const Contraction& c, const Tiles& tiles, void* partials_, i
         return;
       }
       backward_segment(
-          grad, ops.x.data(), ops.w + row * c.K, c.K, ops.grad_x.data(), dots, c.skip_zero_weights,
+          grad, ops.inputs(row), ops.w + row * c.K, c.K, ops.grad_x.data(), dots, c.skip_zero_weights,
           c.stream_stores, start, len);
     });
   }

@@ -58,6 +58,12 @@ struct Ptrs {
   T* p[N];
 };
 
+// Per input of a chunk: the offset each row adds (contraction.h, x_skip).
+template <int N>
+struct Skips {
+  int64_t s[N];
+};
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
@@ -198,19 +204,22 @@ __device__ __forceinline__ void backward_tile(
 
 // Block b does tile (row, piece) = (b / pieces, b % pieces), the elements
 // [piece * tile_len, (piece + 1) * tile_len) of its row, for the chunk's
-// inputs and each of the M outputs' gradients (contraction.h: that of
-// output m of row r starts at (r * M + m) * row_len; dxs all null when M >
-// 1); the dot products go to partials[((row * M + m) * K + k) * pieces +
+// inputs (each shifted by its row skip) and each of the M outputs'
+// gradients (contraction.h: that of output m of row r starts at
+// (r * M + m) * row_len; dxs all null when M > 1); the dot products go to partials[((row * M + m) * K + k) * pieces +
 // piece] (partials points at the chunk's first input). tile_len and row_len
 // are multiples of V unless there is one row.
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
 backward_kernel(
-    const scalar_t* __restrict__ grad, Ptrs<const scalar_t, kBwdChunk> xs, Ptrs<scalar_t, kBwdChunk> dxs,
-    int kc, const acc_t* __restrict__ w, int64_t K, int64_t M, int64_t row_len, int64_t pieces, int64_t tile_len,
-    acc_t* __restrict__ partials, bool skip_zero) {
+    const scalar_t* __restrict__ grad, Ptrs<const scalar_t, kBwdChunk> xs, Skips<kBwdChunk> x_skip,
+    Ptrs<scalar_t, kBwdChunk> dxs, int kc, const acc_t* __restrict__ w, int64_t K, int64_t M, int64_t row_len,
+    int64_t pieces, int64_t tile_len, acc_t* __restrict__ partials, bool skip_zero) {
   __shared__ acc_t dots[kBwdChunk][kWarps];
   const int64_t row = blockIdx.x / pieces, piece = blockIdx.x % pieces;
+  for (int k = 0; k < kc; ++k) {
+    if (xs.p[k] != nullptr) xs.p[k] += row * x_skip.s[k];
+  }
   const int64_t begin = row * row_len + piece * tile_len;
   const int64_t end = row * row_len + ((piece + 1) * tile_len < row_len ? (piece + 1) * tile_len : row_len);
   for (int64_t m = 0; m < M; ++m) {
@@ -225,16 +234,17 @@ backward_kernel(
 // outputs j of the chunk (outs.p[j] null: not wanted), plus acc_in, or into
 // acc_out when more input chunks follow (the running sums, output j at
 // j * n). Weight (row, j, k) is w[row * w_row + j * w_out + k * w_in]; input
-// k's element i of row r is xs.p[k][i + r * x_skip], output j's
-// outs.p[j][i + r * out_skip]: mix's forward has x_skip 0 and out_skip
-// (M - 1) * row_len; its backward's input gradients, the M output gradients
-// as inputs (x_skip (M - 1) * row_len) and the weights transposed. The
+// k's element i of row r is xs.p[k][i + r * x_skip.s[k]], output j's
+// outs.p[j][i + r * out_skip]: mix's forward has the inputs' row skips
+// (contraction.h) and out_skip (M - 1) * row_len; its backward's input
+// gradients, the M output gradients as inputs (skips (M - 1) * row_len)
+// and the weights transposed. The
 // order of arithmetic is forward_kernel's: fma in k order, weight 0 unread.
 // V divides row_len.
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
 mix_kernel(
-    Ptrs<const scalar_t, kFwdChunk> xs, int kc, int64_t x_skip, Ptrs<scalar_t, kMixOuts> outs, int mc,
+    Ptrs<const scalar_t, kFwdChunk> xs, int kc, Skips<kFwdChunk> x_skip, Ptrs<scalar_t, kMixOuts> outs, int mc,
     int64_t out_skip, const acc_t* __restrict__ w, int64_t w_row, int64_t w_out, int64_t w_in, int64_t row_len,
     const acc_t* acc_in, acc_t* acc_out, int64_t n) {
   auto step = [&](auto v_tag, int64_t i) {
@@ -251,7 +261,7 @@ mix_kernel(
         const acc_t wk = wr[k * w_in];
         if (wk == acc_t(0)) continue;
         acc_t x[VV];
-        load<VV>(xs.p[k] + i + row * x_skip, x);
+        load<VV>(xs.p[k] + i + row * x_skip.s[k], x);
 #pragma unroll
         for (int q = 0; q < VV; ++q) acc[q] = fma(wk, x[q], acc[q]);
       }

@@ -40,14 +40,15 @@ inline bool aligned(const void* p) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
 }
 
-// Vector width: V when every pointer is aligned and vectors stay in a row
-// (with M > 1 outputs, in one output's range of a row).
+// Vector width: V when every pointer and row skip is aligned and vectors
+// stay in a row (with M > 1 outputs, in one output's range of a row).
 template <typename scalar_t>
 bool vectorizable(const Contraction& c) {
   constexpr int V = kVecBytes / sizeof(scalar_t);
   bool ok = aligned(c.out) && aligned(c.grad) && ((c.rows == 1 && c.M == 1) || c.row_len % V == 0);
   for (const void* p : c.x) ok = ok && aligned(p);
   for (const void* p : c.grad_x) ok = ok && aligned(p);
+  for (int64_t skip : c.x_skip) ok = ok && skip % V == 0;
   return ok;
 }
 
@@ -64,15 +65,22 @@ constexpr at::ScalarType acc_scalar_type() {
 }
 
 template <typename scalar_t, typename acc_t, int V, typename R>
-void launch_mix(const Contraction& c, const std::vector<const void*>& xs_all, int64_t x_skip,
+void launch_mix(const Contraction& c, const std::vector<const void*>& xs_all, const std::vector<int64_t>& skips,
                 const std::vector<void*>& outs_all, int64_t out_skip, int64_t w_out, int64_t w_in, const R& rt);
+
+// Input k's row skip (contraction.h): 0 when there are none.
+inline int64_t skip_of(const Contraction& c, int64_t k) {
+  return c.x_skip.empty() ? 0 : c.x_skip[k];
+}
 
 template <typename scalar_t, typename acc_t, int V, typename R>
 void launch_forward(const Contraction& c, const R& rt) {
-  if (c.M != 1) {  // mix: output m of row r starts at (r * M + m) * row_len
+  if (c.M != 1 || !c.x_skip.empty()) {  // mix: output m of row r starts at (r * M + m) * row_len
     std::vector<void*> outs;
     for (int64_t m = 0; m < c.M; ++m) outs.push_back(static_cast<scalar_t*>(c.out) + m * c.row_len);
-    launch_mix<scalar_t, acc_t, V>(c, c.x, 0, outs, (c.M - 1) * c.row_len, /*w_out=*/c.K, /*w_in=*/1, rt);
+    std::vector<int64_t> skips(c.K);
+    for (int64_t k = 0; k < c.K; ++k) skips[k] = skip_of(c, k);
+    launch_mix<scalar_t, acc_t, V>(c, c.x, skips, outs, (c.M - 1) * c.row_len, /*w_out=*/c.K, /*w_in=*/1, rt);
     return;
   }
   const int64_t n = c.rows * c.row_len;
@@ -91,12 +99,12 @@ void launch_forward(const Contraction& c, const R& rt) {
   }
 }
 
-// mix_kernel over `xs` (as inputs, x_skip apart from row to row) into
+// mix_kernel over `xs` (as inputs, input k's rows skips[k] apart) into
 // `outs` (null: not wanted; out_skip apart), with weight (row, j, k) at
 // c.w[row * M * K + j * w_out + k * w_in]: chunks of kMixOuts outputs, each
 // over chunks of kFwdChunk inputs carrying the running sums in a buffer.
 template <typename scalar_t, typename acc_t, int V, typename R>
-void launch_mix(const Contraction& c, const std::vector<const void*>& xs_all, int64_t x_skip,
+void launch_mix(const Contraction& c, const std::vector<const void*>& xs_all, const std::vector<int64_t>& skips,
                 const std::vector<void*>& outs_all, int64_t out_skip, int64_t w_out, int64_t w_in, const R& rt) {
   const int64_t n = c.rows * c.row_len;
   const int64_t blocks = grid_blocks(n, V, rt);
@@ -119,7 +127,11 @@ void launch_mix(const Contraction& c, const std::vector<const void*>& xs_all, in
     for (int64_t k0 = 0; k0 < K; k0 += kFwdChunk) {
       const int kc = static_cast<int>(std::min<int64_t>(kFwdChunk, K - k0));
       Ptrs<const scalar_t, kFwdChunk> xs{};
-      for (int k = 0; k < kc; ++k) xs.p[k] = static_cast<const scalar_t*>(xs_all[k0 + k]);
+      Skips<kFwdChunk> x_skip{};
+      for (int k = 0; k < kc; ++k) {
+        xs.p[k] = static_cast<const scalar_t*>(xs_all[k0 + k]);
+        x_skip.s[k] = skips[k0 + k];
+      }
       const bool last = k0 + kc == K;
       rt.launch(&mix_kernel<scalar_t, acc_t, V>, blocks, xs, kc, x_skip, outs, mc, out_skip,
                 w + j0 * w_out + k0 * w_in, c.M * c.K, w_out, w_in, c.row_len, k0 == 0 ? nullptr : acc,
@@ -146,15 +158,17 @@ void launch_backward(const Contraction& c, const R& rt) {
   for (int64_t k0 = 0; k0 < c.K; k0 += kBwdChunk) {
     const int kc = static_cast<int>(std::min<int64_t>(kBwdChunk, c.K - k0));
     Ptrs<const scalar_t, kBwdChunk> xs{};
+    Skips<kBwdChunk> x_skip{};
     Ptrs<scalar_t, kBwdChunk> dxs{};
     bool any = need_dot;
     for (int k = 0; k < kc; ++k) {
       if (need_dot) xs.p[k] = static_cast<const scalar_t*>(c.x[k0 + k]);
+      x_skip.s[k] = skip_of(c, k0 + k);
       if (scaled_dx) dxs.p[k] = static_cast<scalar_t*>(c.grad_x[k0 + k]);
       any = any || dxs.p[k] != nullptr;
     }
     if (!any) continue;  // nothing of this chunk is wanted
-    rt.launch(&backward_kernel<scalar_t, acc_t, V>, blocks, static_cast<const scalar_t*>(c.grad), xs, dxs, kc,
+    rt.launch(&backward_kernel<scalar_t, acc_t, V>, blocks, static_cast<const scalar_t*>(c.grad), xs, x_skip, dxs, kc,
               w + k0, c.K, c.M, c.row_len, pieces, tile_len,
               need_dot ? partials.mutable_data_ptr<acc_t>() + k0 * pieces : nullptr, c.skip_zero_weights);
   }
@@ -163,7 +177,8 @@ void launch_backward(const Contraction& c, const R& rt) {
     // transposed, the K input gradients as outputs.
     std::vector<const void*> gs;
     for (int64_t m = 0; m < c.M; ++m) gs.push_back(static_cast<const scalar_t*>(c.grad) + m * c.row_len);
-    launch_mix<scalar_t, acc_t, V>(c, gs, (c.M - 1) * c.row_len, c.grad_x, 0, /*w_out=*/1, /*w_in=*/c.K, rt);
+    launch_mix<scalar_t, acc_t, V>(c, gs, std::vector<int64_t>(c.M, (c.M - 1) * c.row_len), c.grad_x, 0,
+                                   /*w_out=*/1, /*w_in=*/c.K, rt);
   }
   if (need_dot) {
     const int64_t count = c.rows * c.M * c.K;

@@ -181,8 +181,23 @@ def mix_cases():
                    weights_requires_grad=w_rg, inputs_requires_grad=_requires(pattern, K))
 
 
+def mix_strided_cases():
+    """mHC's post-mix as HyperConnections.post calls it: the layer output and
+    the n streams of a residual (tokens, n, C) as slices, read in place
+    (row skips), and an input expanded over the tokens (rows 0 apart)."""
+    for i, (T, n, C, dtype, w_rg) in enumerate(((33, 4, 64, torch.float32, True), (8, 4, 1003, torch.bfloat16, False),
+                                                (5, 2, 12, torch.float64, True))):
+        gen = torch.Generator().manual_seed(7500 + i)
+        residual = _values(gen, (T, n, C), dtype)
+        x = _values(gen, (C,), dtype).expand(T, C) if i == 2 else _values(gen, (T, C), dtype)
+        w = torch.rand(T, n, n + 1, generator=gen, dtype=torch.float64).to(acc_dtype(dtype))
+        yield Case(name=f"mix-strided/{str(dtype)[6:]}/T{T}/n{n}/C{C}/w{int(w_rg)}", grouped=False, mix=True,
+                   weights=w, inputs=[x, *residual.unbind(1)], grads=[_values(gen, (T, n, C), dtype)],
+                   weights_requires_grad=w_rg, inputs_requires_grad=[True] * (n + 1))
+
+
 def all_cases():
-    return list(single_cases()) + list(grouped_cases()) + list(mix_cases())
+    return list(single_cases()) + list(grouped_cases()) + list(mix_cases()) + list(mix_strided_cases())
 
 
 def run(case, ops):
