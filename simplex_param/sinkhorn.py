@@ -227,8 +227,10 @@ def _use_kernel(x: Tensor) -> bool:
     """Whether the fused op runs on `x`: the extension has a kernel for its
     device, and neither a torch.func transform, forward-mode AD (the op has
     no batching rule and no forward derivative) nor a tensor subclass (a
-    DTensor: no sharding rule) needs the composite."""
-    if x.device.type not in _KERNEL_DEVICES or _transforms_active():
+    DTensor has no sharding rule for it, and its __torch_function__ is the
+    disabled one, which _has_torch_function does not see) needs the
+    composite."""
+    if x.device.type not in _KERNEL_DEVICES or _transforms_active() or type(x) not in (Tensor, nn.Parameter):
         return False
     return torch.compiler.is_compiling() or not torch._C._has_torch_function((x,))
 

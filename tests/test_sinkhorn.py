@@ -315,6 +315,35 @@ def test_kernel_every_instruction_set_gives_the_same_bits():
     assert len(digests) == 1
 
 
+DTENSOR_SCRIPT = r"""
+import os, socket, torch, torch.distributed as dist
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+import simplex_param as sp
+torch.manual_seed(0)
+x = torch.randn(8, 4, 4, requires_grad=True)
+dx = DTensor.from_local(x.detach().clone(), init_device_mesh("cpu", (1,)), [Shard(0)]).requires_grad_()
+y = sp.sinkhorn(dx)
+assert isinstance(y, DTensor)
+y.sum().backward()
+sp.sinkhorn(x).sum().backward()
+torch.testing.assert_close(y.full_tensor(), sp.sinkhorn(x).detach(), rtol=0, atol=1e-6)
+torch.testing.assert_close(dx.grad.full_tensor(), x.grad, rtol=1e-5, atol=1e-6)
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_dtensor_logits_run_the_composite():
+    """A DTensor (no sharding rule for the fused op) runs the composite."""
+    proc = subprocess.run([sys.executable, "-c", DTENSOR_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 @pytest.mark.skipif(not COMPILED, reason="opcheck tests the compiled ops")
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(requires_grad, device):
