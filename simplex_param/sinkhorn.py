@@ -24,7 +24,7 @@ dimensions of ``(*P, n, n)`` logits::
   the implicit function theorem, with one ``n x n`` linear solve per matrix;
   its error against ``"unroll"`` is that of the forward's convergence.
 
-Where the compiled extension has a kernel for the logits' device (CPU; see
+Where the compiled extension has a kernel for the logits' device (CPU, CUDA in a CUDA build; see
 :func:`_use_kernel`), ``"unroll"`` and ``"recompute"`` are one fused op,
 ``torch.ops.simplex_param.sinkhorn``, with its own C++ autograd: it saves the
 logits only, and its backward op ``_sinkhorn_backward`` recomputes the
