@@ -14,6 +14,10 @@
 //   grouped_weighted_sum    G contractions in one call, group g with its own
 //                           weight row and its own shape and dtype
 //   grouped_simplex_weighted_sum  a map of (G, K) logits, then the above
+//   sinkhorn                mHC's Sinkhorn normalisation of (*P, n, n) logits:
+//                           kernels per backend (cpu/sinkhorn_cpu.cpp, ...),
+//                           shared code in sinkhorn.cpp, autograd in
+//                           sinkhorn_autograd.cpp
 // Fake kernels for torch.compile are registered from Python
 // (simplex_param/ops.py); the module `simplex_param._C` is python_module.cpp.
 #include <torch/library.h>
@@ -56,4 +60,8 @@ TORCH_LIBRARY(simplex_param, m) {
   m.def(
       "grouped_simplex_weighted_sum(Tensor logits, Tensor[] inputs, str map=\"softmax\", "
       "float temperature=1.0, float? alpha=None) -> Tensor[]");
+  // simplex_param/sinkhorn.py's semantics; the result is contiguous, in the
+  // logits' dtype. The backward recomputes the iterates from the logits.
+  m.def("sinkhorn(Tensor logits, int iters, float eps) -> Tensor");
+  m.def("_sinkhorn_backward(Tensor grad, Tensor logits, int iters, float eps) -> Tensor");
 }

@@ -9,7 +9,7 @@ Python: the output is laid out as the inputs walk.
 import torch
 from torch import Tensor
 
-from . import checks, maps
+from . import checks, maps, sinkhorn
 
 
 def _walk_strides(tensors: list, row_dims: int, shape=None) -> tuple:
@@ -116,6 +116,17 @@ def _fake_grouped_weighted_sum_backward(grads, weights, inputs, weights_requires
     return weights.new_empty(weights.shape if weights_requires_grad else (0,)), grad_inputs
 
 
+def _fake_sinkhorn(logits, iters, eps):
+    sinkhorn._check(logits, iters, eps, "unroll")
+    return logits.new_empty(logits.shape)
+
+
+def _fake_sinkhorn_backward(grad, logits, iters, eps):
+    sinkhorn._check(logits, iters, eps, "unroll")
+    sinkhorn._check_grad(grad, logits)
+    return logits.new_empty(logits.shape)
+
+
 def register() -> None:
     """Register the fake kernels of the ops that have none in C++."""
     lib = "simplex_param::"
@@ -126,3 +137,5 @@ def register() -> None:
     torch.library.register_fake(lib + "simplex_weighted_sum")(_fake_simplex_weighted_sum)
     torch.library.register_fake(lib + "mix")(_fake_mix)
     torch.library.register_fake(lib + "_mix_backward")(_fake_mix_backward)
+    torch.library.register_fake(lib + "sinkhorn")(_fake_sinkhorn)
+    torch.library.register_fake(lib + "_sinkhorn_backward")(_fake_sinkhorn_backward)

@@ -23,6 +23,16 @@ dimensions of ``(*P, n, n)`` logits::
   fixed point (the exact Sinkhorn projection of ``A = softmax(x) + eps``) by
   the implicit function theorem, with one ``n x n`` linear solve per matrix;
   its error against ``"unroll"`` is that of the forward's convergence.
+
+Where the compiled extension has a kernel for the logits' device (CPU, CUDA in a CUDA build; see
+:func:`_use_kernel`), ``"unroll"`` and ``"recompute"`` are one fused op,
+``torch.ops.simplex_param.sinkhorn``, with its own C++ autograd: it saves the
+logits only, and its backward op ``_sinkhorn_backward`` recomputes the
+iterates of each matrix and back-propagates through them, so the two modes
+give bitwise the same gradients there too (and ``"unroll"`` saves no
+iterate). The forward of ``"implicit"`` is the same op. Elsewhere (no
+extension, another device, ``torch.func`` transforms, forward-mode AD, tensor
+subclasses), the composite of PyTorch ops below runs.
 """
 import math
 import numbers
@@ -30,6 +40,8 @@ import numbers
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+
+from . import _ext
 
 __all__ = ["sinkhorn", "Birkhoff", "BACKWARDS"]
 
@@ -135,6 +147,8 @@ class _Implicit(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, iters: int, eps: float) -> Tensor:
+        if _use_kernel(x):
+            return torch.ops.simplex_param.sinkhorn.default(x, iters, eps)
         return _forward(x, iters, eps)
 
     @staticmethod
@@ -180,8 +194,45 @@ def _check(logits, iters, eps, backward) -> None:
         raise ValueError(f"sinkhorn: backward must be one of {', '.join(map(repr, BACKWARDS))}, got {backward!r}")
 
 
+def _check_grad(grad, logits) -> None:
+    """The gradient given to _sinkhorn_backward against the logits."""
+    if not isinstance(grad, Tensor) or grad.dtype != logits.dtype:
+        got = grad.dtype if isinstance(grad, Tensor) else type(grad).__name__
+        raise TypeError(f"_sinkhorn_backward: grad has dtype {got} but logits has dtype {logits.dtype}")
+    if grad.shape != logits.shape:
+        raise ValueError(f"_sinkhorn_backward: grad has shape {list(grad.shape)} but logits has shape "
+                         f"{list(logits.shape)}")
+    if grad.device != logits.device:
+        raise ValueError(f"_sinkhorn_backward: grad is on device {grad.device} but logits is on device "
+                         f"{logits.device}")
+
+
 def _transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
+
+
+def _kernel_devices() -> frozenset:
+    """Device types with a compiled Sinkhorn kernel, read from the dispatcher."""
+    if not _ext.extension_loaded():
+        return frozenset()
+    has = torch._C._dispatch_has_computed_kernel_for_dispatch_key
+    return frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if has("simplex_param::sinkhorn", key) and has("simplex_param::_sinkhorn_backward", key))
+
+
+_KERNEL_DEVICES = _kernel_devices()
+
+
+def _use_kernel(x: Tensor) -> bool:
+    """Whether the fused op runs on `x`: the extension has a kernel for its
+    device, and neither a torch.func transform, forward-mode AD (the op has
+    no batching rule and no forward derivative) nor a tensor subclass (a
+    DTensor has no sharding rule for it, and its __torch_function__ is the
+    disabled one, which _has_torch_function does not see) needs the
+    composite."""
+    if x.device.type not in _KERNEL_DEVICES or _transforms_active() or type(x) not in (Tensor, nn.Parameter):
+        return False
+    return torch.compiler.is_compiling() or not torch._C._has_torch_function((x,))
 
 
 def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6, backward: str = "recompute") -> Tensor:
@@ -218,6 +269,9 @@ def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6, backward: st
     """
     _check(logits, iters, eps, backward)
     iters, eps = int(iters), float(eps)
+    if backward != "implicit" and _use_kernel(logits):
+        # The op computes in float32 (float64) and returns the logits' dtype.
+        return torch.ops.simplex_param.sinkhorn.default(logits, iters, eps)
     x = logits.to(_compute_dtype(logits.dtype))
     if backward == "unroll" or not torch.is_grad_enabled() or not x.requires_grad:
         y = _forward(x, iters, eps)

@@ -84,3 +84,29 @@ def test_injected_fault_is_caught(tmp_path, fault):
     rc, out = run_check("--csrc", str(csrc))
     cases, bad = summary(out)
     assert rc == 1 and bad > 0, f"fault {fault} not caught:\n{out[-3000:]}"
+
+
+# Faults in the Sinkhorn kernels (csrc/cuda/sinkhorn_kernels.cuh), as above.
+SINKHORN_FAULTS = {
+    # the backward's denominators overlap the last step's output on the tape
+    "sinkhorn-tape-overlap": ("const int64_t z0 = N * N, d0 = (steps + 1) * N * N;",
+                              "const int64_t z0 = N * N, d0 = steps * N * N;"),
+}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("fault", sorted(SINKHORN_FAULTS))
+def test_injected_sinkhorn_fault_is_caught(tmp_path, fault):
+    csrc = tmp_path / "csrc"
+    shutil.copytree(os.path.join(ROOT, "csrc"), csrc)
+    (tmp_path / "simplex_param").mkdir()
+    shutil.copy(os.path.join(ROOT, "simplex_param", "errors.def"), tmp_path / "simplex_param")
+    path = csrc / "cuda" / "sinkhorn_kernels.cuh"
+    text = path.read_text()
+    old, new = SINKHORN_FAULTS[fault]
+    assert text.count(old) == 1, f"the fault's target is not in sinkhorn_kernels.cuh once: {old}"
+    path.write_text(text.replace(old, new))
+
+    rc, out = run_check("--csrc", str(csrc), "-k", "sinkhorn")
+    cases, bad = summary(out)
+    assert rc == 1 and bad > 0, f"fault {fault} not caught:\n{out[-3000:]}"

@@ -7,7 +7,12 @@ r"""The hyper-connection cases of ``python -m simplex_param bench`` (mHC,
 
 Contenders:
 
-- ``ours``: the library's function (``sinkhorn``'s default ``"recompute"`` backward);
+- ``ours``: the library's function (``sinkhorn``'s default ``"recompute"``
+  backward): for ``sinkhorn``, the fused op ``simplex_param::sinkhorn``
+  where the compiled extension has a kernel for the device, else the
+  composite below;
+- ``composite`` (``sinkhorn`` only): the library's pure-PyTorch path of
+  ``sinkhorn``, the fallback (``"recompute"``: its ``autograd.Function``);
 - ``eager``: the reference written as TileLang's ``examples/deepseek_mhc``
   references are (``sinkhorn_normalize_ref``, ``mhc_pre_ref``, ``mhc_post_ref``);
 - ``compile``: ``torch.compile`` of that reference.
@@ -18,6 +23,7 @@ residual, ``post`` and ``H``). The floor moves the bytes the big tensors must:
 forward, the inputs read once and the output written once; backward, the
 gradient read, the inputs read again, their gradients written.
 """
+import importlib
 import time
 
 import torch
@@ -27,7 +33,7 @@ from simplex_param import HyperConnections, sinkhorn
 from .timing import median_times, peak_extra_bytes, sync
 
 MHC_SETS = ("sinkhorn", "mhc-pre", "mhc-post")
-MHC_CONTENDERS = ("ours", "eager", "compile")
+MHC_CONTENDERS = ("ours", "composite", "eager", "compile")
 N_STREAMS = 4
 SIZES = {"sinkhorn": dict(tokens=32768), "mhc-pre": dict(tokens=4096, C=2048), "mhc-post": dict(tokens=4096, C=2048)}
 ITERS = 20
@@ -45,6 +51,15 @@ def _sinkhorn_ref(x, iters=ITERS, eps=EPS):
 
 def _sinkhorn_eager(x):
     return _sinkhorn_ref(x.float()).to(x.dtype)
+
+
+def _sinkhorn_composite(x):
+    """sp.sinkhorn's pure-PyTorch path (the fallback), "recompute" backward."""
+    module = importlib.import_module("simplex_param.sinkhorn")
+    xf = x.float()
+    if not xf.requires_grad:
+        return module._forward(xf, ITERS, EPS).to(x.dtype)
+    return module._Recompute.apply(xf, ITERS, EPS).to(x.dtype)
 
 
 def _pre_eager(residual, fn, scale, base, hc):
@@ -70,7 +85,8 @@ def _make(name, dtype, device, need_grad, gen, sizes):
         x = torch.randn(t, n, n, generator=gen).to(device, dtype).requires_grad_(need_grad)
         out_numel = x.numel()
         moved = 2 * x.numel() + (3 * x.numel() if need_grad else 0)
-        fns = {"ours": lambda x: sinkhorn(x, iters=ITERS, eps=EPS), "eager": _sinkhorn_eager}
+        fns = {"ours": lambda x: sinkhorn(x, iters=ITERS, eps=EPS), "composite": _sinkhorn_composite,
+               "eager": _sinkhorn_eager}
         grad = torch.randn(t, n, n, generator=gen).to(device, dtype) if need_grad else None
         return fns, (x,), [x], grad, moved
     t, C = sizes["tokens"], sizes["C"]
@@ -142,6 +158,8 @@ def run_mhc(name, dtype, mode, contenders, repeats, device, target_s, log=None, 
             compile_s = time.perf_counter() - t0
         elif c in fns:
             step = _step(fns[c], args, leaves, grad)
+        elif c in MHC_CONTENDERS:
+            continue  # not a contender of this case (composite: sinkhorn only)
         else:
             raise ValueError(f"unknown contender {c!r}")
         steps[c] = step
@@ -161,7 +179,7 @@ def run_mhc(name, dtype, mode, contenders, repeats, device, target_s, log=None, 
         if c == "compile":
             result["contenders"][c]["compile_s"] = compile_s
     if log:
-        cols = "".join(f"{c:>9} {e['time_s'] * 1e3:>8.2f} ms {e['ratio']:>6.2f}x {e['peak_bytes'] / 2**20:>7.1f} MiB"
+        cols = "".join(f" {c:>9} {e['time_s'] * 1e3:>8.2f} ms {e['ratio']:>6.2f}x {e['peak_bytes'] / 2**20:>7.1f} MiB"
                        for c, e in result["contenders"].items())
         log(f"{name:<10}{sizes['tokens']:>7} {result['dtype']:<9}{mode:<8}{times['floor'] * 1e3:>8.2f} ms{cols}")
     return result

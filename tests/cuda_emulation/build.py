@@ -2,7 +2,7 @@
 
 `build(csrc)` compiles tests/cuda_emulation/emulated.cpp with csrc's CUDA
 kernels and launches (csrc/cuda/kernels.cuh, launch.cuh) and its op-level
-code (csrc/contraction.cpp, layout.cpp, checks.cpp) into one library, and
+code (csrc/contraction.cpp, layout.cpp, checks.cpp, sinkhorn.cpp) into one library, and
 returns its path. The HIP CPU runtime is found at HIP_CPU_DIR, else at
 ../shared/hip-cpu beside the repository; it needs Intel TBB (libtbb-dev).
 """
@@ -13,7 +13,7 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-OP_SOURCES = ("contraction.cpp", "layout.cpp", "checks.cpp")
+OP_SOURCES = ("contraction.cpp", "layout.cpp", "checks.cpp", "sinkhorn.cpp")
 
 
 class Unavailable(RuntimeError):

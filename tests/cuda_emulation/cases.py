@@ -2,8 +2,9 @@
 
 The same cases run on the emulation (HIP CPU runtime, `make cuda-emulate`)
 and on a real GPU (`make gpu-check`); each is a call of the forward and one
-of the backward of `weighted_sum`, `mix` or `grouped_weighted_sum`. Inputs come
-from a seeded CPU generator, so both machines see the same bits.
+of the backward of `weighted_sum`, `mix`, `grouped_weighted_sum` or
+`sinkhorn`. Inputs come from a seeded CPU generator, so both machines see
+the same bits. Sinkhorn's oracle and bounds are at SINKHORN_BOUNDS.
 
 The oracle is the contraction's definition (csrc/contraction.h) in float64,
 from the weights as the kernels see them (in the accumulation dtype): an
@@ -196,13 +197,58 @@ def mix_strided_cases():
                    weights_requires_grad=w_rg, inputs_requires_grad=[True] * (n + 1))
 
 
+
+@dataclass
+class SinkhornCase:
+    """A call of sinkhorn and one of _sinkhorn_backward on (*P, n, n) logits."""
+    name: str
+    logits: torch.Tensor
+    grad: torch.Tensor
+    iters: int
+    eps: float
+
+    def to(self, device):
+        return SinkhornCase(self.name, _move(self.logits, device), _move(self.grad, device), self.iters, self.eps)
+
+
+# n: 1, small ones, one past a power of two, the largest with a kernel (16),
+# and one past it (17: the composite); matrices: one, and more than a block
+# of 256 threads, which (with the emulation's 64 KiB tape) takes several
+# backward launches; 1 and 20 iterations.
+SINKHORN_SIZES = (1, 2, 3, 4, 5, 16, 17)
+SINKHORN_COUNTS = (1, 300)
+SINKHORN_ITERS = (1, 20)
+
+
+def sinkhorn_cases():
+    for i, (dtype, n, count, iters) in enumerate(
+            itertools.product(DTYPES, SINKHORN_SIZES, SINKHORN_COUNTS, SINKHORN_ITERS)):
+        gen = torch.Generator().manual_seed(9000 + i)
+        shape = (count, n, n) if i % 3 else (2, count, n, n)  # a batch of two dimensions too
+        logits = (2 * _values(gen, shape, torch.float64)).to(dtype)
+        grad = _values(gen, shape, dtype)
+        yield SinkhornCase(f"sinkhorn/{str(dtype)[6:]}/n{n}/B{count}/it{iters}", logits, grad, iters, 1e-6)
+    gen = torch.Generator().manual_seed(9999)
+    # Logits far apart (the row maximum must be subtracted), eps = 0, and a
+    # non-contiguous view (the op makes it contiguous).
+    big = torch.tensor([[1000.0, -1000.0, 0.0], [0.0, 1.0, 2.0], [5.0, 5.0, 5.0]]).expand(40, 3, 3).clone()
+    yield SinkhornCase("sinkhorn/float32/far-apart/eps0", big, _values(gen, (40, 3, 3), torch.float32), 20, 0.0)
+    x = _values(gen, (70, 4, 4), torch.float32).mT
+    yield SinkhornCase("sinkhorn/float32/transposed", x, _values(gen, (70, 4, 4), torch.float32), 5, 1e-6)
+
+
 def all_cases():
-    return list(single_cases()) + list(grouped_cases()) + list(mix_cases()) + list(mix_strided_cases())
+    return (list(single_cases()) + list(grouped_cases()) + list(mix_cases()) + list(mix_strided_cases())
+            + list(sinkhorn_cases()))
 
 
 def run(case, ops):
     """Forward and backward of `case` through `ops` (torch.ops.simplex_param
     or torch.ops.simplex_param_emulated): a dict of named output tensors."""
+    if isinstance(case, SinkhornCase):
+        out = ops.sinkhorn(case.logits, case.iters, case.eps)
+        grad = ops._sinkhorn_backward(case.grad, case.logits, case.iters, case.eps)
+        return {"out": out.detach().cpu(), "grad_logits": grad.detach().cpu()}
     if case.mix:
         outs = [ops.mix(case.weights, case.inputs)]
         grad_w, grad_x = ops._mix_backward(
@@ -293,8 +339,47 @@ def _mix_oracle(case):
     return expected
 
 
+def _sinkhorn(x, iters, eps):
+    """mHC's Sinkhorn (simplex_param/sinkhorn.py's definition), written out."""
+    x = x.softmax(-1) + eps
+    x = x / (x.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        x = x / (x.sum(-1, keepdim=True) + eps)
+        x = x / (x.sum(-2, keepdim=True) + eps)
+    return x
+
+
+# The Sinkhorn kernels' bounds, in the accumulation dtype: the issue's
+# targets (the forward within 1e-6 in float32, 1e-12 in float64), which the
+# CPU kernels, in the same order of operations, meet with a margin (1.5e-7
+# measured); gradients within 2e-6 (1e-12) of the largest entry of the
+# matrix's upstream gradient or of its own gradient, whichever is larger:
+# the backward subtracts sums of the size of the upstream gradient, and a
+# small matrix's gradient can be much smaller than that (n = 2: 1/200 of it,
+# with errors of 5e-6 of its own largest entry). Each plus the rounding to
+# the logits' dtype.
+SINKHORN_BOUNDS = {torch.float32: (1e-6, 2e-6), torch.float64: (1e-12, 1e-12)}
+
+
+def _sinkhorn_oracle(case):
+    dtype = case.logits.dtype
+    x = case.logits.double().requires_grad_()
+    y = _sinkhorn(x, case.iters, case.eps)
+    g = torch.autograd.grad(y, x, case.grad.double())[0]
+    out_bound, grad_bound = SINKHORN_BOUNDS[acc_dtype(dtype)]
+    y = y.detach()
+    scale = torch.maximum(g.abs().amax((-2, -1), keepdim=True),
+                          case.grad.double().abs().amax((-2, -1), keepdim=True))
+    return {
+        "out": (y, out_bound + _eps(dtype) * y.abs() + _tiny(dtype)),
+        "grad_logits": (g, grad_bound * scale + _eps(dtype) * g.abs() + _tiny(dtype)),
+    }
+
+
 def oracle(case):
     """The expected outputs of `case` as {name: (value, tolerance)} in float64."""
+    if isinstance(case, SinkhornCase):
+        return _sinkhorn_oracle(case)
     if case.mix:
         return _mix_oracle(case)
     expected = {}

@@ -10,7 +10,8 @@
 
 Every case is also checked against the oracle; and where the CPU kernels
 (the compiled extension) do the same arithmetic (the inputs' gradients,
-one product each), bit for bit against them.
+one product each; emulated, Sinkhorn's outputs for n <= 16), bit for bit
+against them.
 """
 import argparse
 import json
@@ -83,12 +84,21 @@ def main(argv=None):
         got = C.run(case.to(device), ops)
         results[case.name] = {n: fingerprint(t) for n, t in got.items()}
         problems = C.mismatches(got, C.oracle(case))
-        if reference is not None and not case.mix:  # mix's input gradients are sums: other roundings
+        # mix's input gradients are sums of M products: other roundings than the CPU's.
+        if reference is not None and not getattr(case, "mix", False):
             cpu = C.run(case, reference)
+            # Sinkhorn, emulated: the CPU kernels' order of operations and
+            # host math, so their bits (n <= 16; n = 17 is the composite on
+            # CUDA, the generic loop on the CPU). On a GPU, nvcc's fused
+            # multiply-adds and expf differ.
+            sinkhorn_bits = (args.device == "emulated" and isinstance(case, C.SinkhornCase)
+                             and case.logits.shape[-1] <= 16)
             problems += [f"{n}: not the CPU kernels' bits" for n in got
-                         if n.startswith("grad_x") and not torch.equal(got[n].view(-1).view(torch.uint8),
-                                                                       cpu[n].view(-1).view(torch.uint8))]
-        if saved is not None:
+                         if (n.startswith("grad_x") or sinkhorn_bits)
+                         and not torch.equal(got[n].view(-1).view(torch.uint8), cpu[n].view(-1).view(torch.uint8))]
+        # Sinkhorn's bits on a GPU are not the emulation's (nvcc's fused
+        # multiply-adds and CUDA's expf): the oracle only.
+        if saved is not None and not isinstance(case, C.SinkhornCase):
             theirs = saved.get(case.name)
             if theirs is None or theirs.keys() != got.keys():
                 problems.append("not in the saved results, or other outputs")

@@ -12,6 +12,8 @@
 
 #include "contraction.h"
 #include "cuda/launch.cuh"
+#include "cuda/sinkhorn_launch.cuh"
+#include "sinkhorn.h"
 
 namespace simplex_param {
 namespace emulation {
@@ -28,6 +30,15 @@ struct EmulatedRuntime {
   }
   at::TensorOptions scratch(at::Device) const {
     return at::TensorOptions().device(at::kCPU);
+  }
+  // Sinkhorn's backward tape: small, so that a case of a few hundred
+  // matrices takes several launches.
+  int64_t tape_bytes() const {
+    static const int64_t bytes = [] {
+      const char* env = std::getenv("SIMPLEX_PARAM_EMULATED_TAPE_BYTES");
+      return env != nullptr && *env != '\0' ? std::atoll(env) : int64_t{64} << 10;
+    }();
+    return bytes;
   }
   at::Tensor host_table(int64_t size) const {
     return at::empty({size}, at::TensorOptions().dtype(at::kLong));
@@ -91,6 +102,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> grouped_weighted_sum_backward_(
       grads, weights, inputs, weights_requires_grad, inputs_requires_grad, backward_batch);
 }
 
+void sinkhorn_kernel(const Sinkhorn& p) {
+  cuda::sinkhorn(p, EmulatedRuntime{});
+}
+
+at::Tensor sinkhorn(const at::Tensor& logits, int64_t iters, double eps) {
+  return cuda::sinkhorn_op(logits, iters, eps, sinkhorn_kernel);
+}
+
+at::Tensor sinkhorn_backward_(const at::Tensor& grad, const at::Tensor& logits, int64_t iters, double eps) {
+  return cuda::sinkhorn_backward_op(grad, logits, iters, eps, sinkhorn_kernel);
+}
+
 } // namespace
 } // namespace emulation
 
@@ -109,6 +132,8 @@ TORCH_LIBRARY(simplex_param_emulated, m) {
   m.def(
       "_grouped_weighted_sum_backward(Tensor[] grads, Tensor weights, Tensor[] inputs, "
       "bool weights_requires_grad, bool[] inputs_requires_grad) -> (Tensor, Tensor[])");
+  m.def("sinkhorn(Tensor logits, int iters, float eps) -> Tensor");
+  m.def("_sinkhorn_backward(Tensor grad, Tensor logits, int iters, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(simplex_param_emulated, CPU, m) {
@@ -118,6 +143,8 @@ TORCH_LIBRARY_IMPL(simplex_param_emulated, CPU, m) {
   m.impl("_mix_backward", &emulation::mix_backward_);
   m.impl("grouped_weighted_sum", &emulation::grouped_weighted_sum);
   m.impl("_grouped_weighted_sum_backward", &emulation::grouped_weighted_sum_backward_);
+  m.impl("sinkhorn", &emulation::sinkhorn);
+  m.impl("_sinkhorn_backward", &emulation::sinkhorn_backward_);
 }
 
 } // namespace simplex_param
