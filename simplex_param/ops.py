@@ -36,6 +36,10 @@ OPS = (
     "grouped_weighted_sum",
     "_grouped_weighted_sum_backward",
     "grouped_simplex_weighted_sum",
+    "mix",
+    "_mix_backward",
+    "sinkhorn",
+    "_sinkhorn_backward",
 )
 
 
