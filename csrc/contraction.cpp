@@ -105,27 +105,21 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> stacked_layout(
   return {out_sizes, out_strides};
 }
 
-// The inputs as the kernels read them: in the layout `strides`, copied where
-// they are not; for mix (skips not null), read in place where their rows
-// are one stride apart (row_skip), with that skip in `skips`.
+// The inputs as the kernels read them: in place where their rows are one
+// stride apart in the layout `strides` (row_skip), with that skip in
+// `skips`; copied into the layout where they are not.
 std::vector<at::Tensor> read_layout(
     at::TensorList inputs, at::IntArrayRef strides, int64_t row_dims, int64_t row_len, std::vector<int64_t>* skips) {
   std::vector<at::Tensor> xs;
   xs.reserve(inputs.size());
   bool any_skip = false;
   for (const at::Tensor& x : inputs) {
-    const std::optional<int64_t> skip =
-        skips != nullptr ? row_skip(x, strides, row_dims, row_len) : std::optional<int64_t>{};
-    if (skip.has_value()) {
-      xs.push_back(x);
-      skips->push_back(*skip);
-      any_skip = any_skip || *skip != 0;
-    } else {
-      xs.push_back(in_layout(x, strides));
-      if (skips != nullptr) skips->push_back(0);
-    }
+    const std::optional<int64_t> skip = row_skip(x, strides, row_dims, row_len);
+    xs.push_back(skip.has_value() ? x : in_layout(x, strides));
+    skips->push_back(skip.value_or(0));
+    any_skip = any_skip || skip.value_or(0) != 0;
   }
-  if (skips != nullptr && !any_skip) skips->clear();  // the kernels' plain case
+  if (!any_skip) skips->clear();  // the kernels' plain case
   return xs;
 }
 
@@ -139,7 +133,7 @@ at::Tensor contraction_forward(
   const int64_t rows = num_rows(weights, row_dims), n = inputs[0].numel();
   const int64_t row_len = rows == 0 ? 0 : n / rows;
   std::vector<int64_t> skips;
-  const std::vector<at::Tensor> xs = read_layout(inputs, strides, row_dims, row_len, stacked ? &skips : nullptr);
+  const std::vector<at::Tensor> xs = read_layout(inputs, strides, row_dims, row_len, &skips);
   at::Tensor out;
   if (stacked) {
     const auto [sizes, out_strides] = stacked_layout(xs[0].sizes(), strides, row_dims, M, row_len);
@@ -182,26 +176,24 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> contraction_backward(
   const int64_t M = stacked ? weights.size(-2) : 1;
   const int64_t rows = num_rows(weights, row_dims);
 
-  // The gradient and, for the weights' gradient, the inputs: one layout,
-  // M outputs stacked in the gradient of mix.
+  // The gradient and, for the weights' gradient, the inputs: one layout (the
+  // inputs read in place where their rows are evenly spaced), M outputs
+  // stacked in the gradient of mix.
   std::vector<at::Tensor> operands{grad_out};
   if (weights_requires_grad) operands.insert(operands.end(), inputs.begin(), inputs.end());
-  std::vector<int64_t> sizes, strides, skips;  // of the inputs
+  std::vector<int64_t> sizes = grad_out.sizes().vec(), strides, skips;  // of the inputs
   if (stacked) {
-    sizes = grad_out.sizes().vec();
     sizes.erase(sizes.begin() + row_dims);
     const at::TensorList xs = at::TensorList(operands).slice(1);
     strides = xs.empty() ? contiguous_strides(sizes) : walk_strides(xs, row_dims);
-    const int64_t n = c10::multiply_integers(sizes), row_len = rows == 0 ? 0 : n / rows;
-    const std::vector<at::Tensor> read = read_layout(xs, strides, row_dims, row_len, &skips);
-    std::copy(read.begin(), read.end(), operands.begin() + 1);
-    const auto [grad_sizes, grad_strides] = stacked_layout(sizes, strides, row_dims, M, row_len);
-    operands[0] = in_layout(operands[0], grad_strides);
   } else {
-    sizes = grad_out.sizes().vec();
     strides = walk_strides(operands, row_dims);
-    for (at::Tensor& t : operands) t = in_layout(t, strides);
   }
+  const int64_t row_len = rows == 0 ? 0 : c10::multiply_integers(sizes) / rows;
+  const std::vector<at::Tensor> read =
+      read_layout(at::TensorList(operands).slice(1), strides, row_dims, row_len, &skips);
+  std::copy(read.begin(), read.end(), operands.begin() + 1);
+  operands[0] = in_layout(operands[0], stacked ? stacked_layout(sizes, strides, row_dims, M, row_len).second : strides);
   const at::Tensor& grad = operands[0];
   const int64_t n = c10::multiply_integers(sizes);
   const at::TensorOptions options = grad.options();
@@ -210,7 +202,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> contraction_backward(
   c.K = K;
   c.M = M;
   c.rows = rows;
-  c.row_len = rows == 0 ? 0 : n / rows;
+  c.row_len = row_len;
   c.dtype = grad.scalar_type();
   c.device = grad.device();
   c.grad = grad.const_data_ptr();

@@ -31,7 +31,7 @@ struct Contraction {
   const void* w = nullptr;          // rows x M x K weights, accumulation dtype, contiguous
   std::vector<const void*> x;       // K inputs (backward: empty when grad_w is null)
   std::vector<int64_t> x_skip;      // empty, or per input: its row r starts at
-                                    // r * (row_len + x_skip[k]) (mix only)
+                                    // r * (row_len + x_skip[k])
   void* out = nullptr;              // forward: the M outputs
   const void* grad = nullptr;       // backward: the M outputs' gradient
   std::vector<void*> grad_x;        // backward: K gradients, null where not wanted

@@ -391,6 +391,32 @@ def test_one_odd_layout_copies_only_itself():
     assert one * 2 <= allocated < 2 * one + 4096  # the output and one copy
 
 
+@pytest.mark.skipif(not COMPILED, reason="the fallback's temporaries are PyTorch's")
+def test_per_token_streams_of_a_residual_are_read_in_place():
+    # Hyper-connections' pre-mix: per-token weights over the n streams of a
+    # residual (tokens, n, C), passed as residual.unbind(1). The slices are
+    # read where they lie (allocations: the output only; backward: the input
+    # gradients and the weights' gradient only), with the bits of contiguous
+    # copies, forward and backward.
+    gen = torch.Generator().manual_seed(27)
+    for dtype in (torch.float32, torch.bfloat16):
+        residual = torch.randn(64, 4, 3000, generator=gen).to(dtype).requires_grad_()
+        w = torch.rand(64, 4, generator=gen, requires_grad=True)
+        g = torch.randn(64, 3000, generator=gen).to(dtype)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            streams = residual.unbind(1)
+            out = sp.weighted_sum(w, streams)
+            got = torch.autograd.grad(out, [w, *streams], g)  # the slices' own gradients
+        allocated = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+        copies = [x.detach().clone().requires_grad_() for x in residual.unbind(1)]
+        want_out = sp.weighted_sum(w, copies)
+        assert torch.equal(out, want_out)
+        for a, b in zip(got, torch.autograd.grad(want_out, [w, *copies], g)):
+            assert torch.equal(a, b)
+        row = 3000 * residual.element_size() * 64
+        assert allocated < 6 * row + 64 * 1024  # the output and 4 input gradients: no copy of the streams
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_per_sample_deterministic_across_threads(threads):
     torch.manual_seed(25)
