@@ -18,6 +18,8 @@
 //                           kernels per backend (cpu/sinkhorn_cpu.cpp, ...),
 //                           shared code in sinkhorn.cpp, autograd in
 //                           sinkhorn_autograd.cpp
+//   hc_pre                  mHC's fused pre-mix: CPU kernels (cpu/hc_cpu.cpp),
+//                           autograd in simplex_param/hyper_connections.py
 // Fake kernels for torch.compile are registered from Python
 // (simplex_param/ops.py); the module `simplex_param._C` is python_module.cpp.
 #include <torch/library.h>
@@ -64,4 +66,13 @@ TORCH_LIBRARY(simplex_param, m) {
   // logits' dtype. The backward recomputes the iterates from the logits.
   m.def("sinkhorn(Tensor logits, int iters, float eps) -> Tensor");
   m.def("_sinkhorn_backward(Tensor grad, Tensor logits, int iters, float eps) -> Tensor");
+  // mHC's pre-mix, fused (hyper_connections.h): (layer input, mixes, proj,
+  // rstd). CPU kernels only; other devices run the composite.
+  m.def(
+      "hc_pre(Tensor residual, Tensor fn, Tensor scale, Tensor base, float rms_eps, float pre_eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // (grad of the residual, grad of fn, the mixes' whole gradient).
+  m.def(
+      "_hc_pre_backward(Tensor grad_x, Tensor? grad_mixes, Tensor residual, Tensor fn, Tensor scale, "
+      "Tensor mixes, Tensor proj, Tensor rstd, float pre_eps) -> (Tensor, Tensor, Tensor)");
 }

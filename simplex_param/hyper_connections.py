@@ -21,9 +21,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import _ext
 from .ops import mix, weighted_sum
 from .reference import acc_dtype
-from .sinkhorn import BACKWARDS, sinkhorn
+from .sinkhorn import BACKWARDS, _transforms_active, sinkhorn
 
 __all__ = ["HyperConnections", "HyperContext", "HyperConnected"]
 
@@ -125,22 +126,29 @@ class HyperConnections(nn.Module):
     def mixes(self, residual: Tensor) -> tuple:
         """``(pre, post, H)`` of every token, in float32 (float64 for float64 residuals)."""
         self._check_residual(residual)
+        mixes = _mixes(residual, self.fn, self.scale, self.base, self.rms_eps)
+        return torch.sigmoid(mixes[..., :self.n]) + self.pre_eps, *self._post_and_h(mixes)
+
+    def _post_and_h(self, mixes: Tensor) -> tuple:
         n = self.n
-        acc = acc_dtype(residual.dtype)
-        r = residual.flatten(-2).to(acc)
-        rms = torch.rsqrt(r.square().mean(-1, keepdim=True) + self.rms_eps)
-        scale = self.scale.to(acc)
-        scale = torch.cat([scale[0].expand(n), scale[1].expand(n), scale[2].expand(n * n)])
-        mixes = (r @ self.fn.to(acc).T) * rms * scale + self.base.to(acc)
-        pre = torch.sigmoid(mixes[..., :n]) + self.pre_eps
         post = torch.sigmoid(mixes[..., n:2 * n]) * self.post_mult
         h = sinkhorn(mixes[..., 2 * n:].unflatten(-1, (n, n)), iters=self.sinkhorn_iters,
                      eps=self.sinkhorn_eps, backward=self.sinkhorn_backward)
-        return pre, post, h
+        return post, h
 
     def pre(self, residual: Tensor):
         """``(layer_input, ctx)``: ``layer_input = sum_j pre_j residual[..., j, :]``
-        of shape ``(*, C)`` in the residual's dtype; ``ctx`` for :meth:`post`."""
+        of shape ``(*, C)`` in the residual's dtype; ``ctx`` for :meth:`post`.
+
+        On CPU with the compiled extension, the mixes and the layer input are
+        one op (``torch.ops.simplex_param.hc_pre``) that reads the residual
+        from memory once, and once more in its backward; elsewhere, the
+        composite of :meth:`mixes` and :func:`~simplex_param.weighted_sum`."""
+        self._check_residual(residual)
+        args = (residual, self.fn, self.scale, self.base)
+        if _use_kernel(*args):
+            x, mixes, _, _ = torch.ops.simplex_param.hc_pre.default(*args, self.rms_eps, self.pre_eps)
+            return x, HyperContext(*self._post_and_h(mixes))
         pre, post, h = self.mixes(residual)
         x = weighted_sum(pre, residual.unbind(-2))
         return x, HyperContext(post, h)
@@ -174,3 +182,95 @@ class HyperConnected(nn.Module):
     def forward(self, residual: Tensor, *args, **kwargs) -> Tensor:
         x, ctx = self.hc.pre(residual)
         return self.hc.post(self.layer(x, *args, **kwargs), residual, ctx)
+
+
+def _mixes(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, rms_eps: float) -> Tensor:
+    """The ``n (n + 2)`` mixes of every token, composed of ATen ops."""
+    n = residual.shape[-2]
+    acc = acc_dtype(residual.dtype)
+    r = residual.flatten(-2).to(acc)
+    rms = torch.rsqrt(r.square().mean(-1, keepdim=True) + rms_eps)
+    scale = scale.to(acc)
+    scale = torch.cat([scale[0].expand(n), scale[1].expand(n), scale[2].expand(n * n)])
+    return (r @ fn.to(acc).T) * rms * scale + base.to(acc)
+
+
+def _pre_composite(residual, fn, scale, base, rms_eps, pre_eps):
+    """``hc_pre``'s (layer input, mixes), composed of differentiable ATen ops."""
+    n = residual.shape[-2]
+    mixes = _mixes(residual, fn, scale, base, rms_eps)
+    pre = torch.sigmoid(mixes[..., :n]) + pre_eps
+    x = (residual.to(mixes.dtype) * pre.unsqueeze(-1)).sum(-2).to(residual.dtype)
+    return x, mixes
+
+
+def _has_cpu_kernel() -> bool:
+    if not _ext.extension_loaded():
+        return False
+    has = torch._C._dispatch_has_computed_kernel_for_dispatch_key
+    return has("simplex_param::hc_pre", "CPU") and has("simplex_param::_hc_pre_backward", "CPU")
+
+
+_HAS_KERNEL = _has_cpu_kernel()
+
+
+def _use_kernel(*tensors: Tensor) -> bool:
+    """Whether the fused pre-mix runs: the extension's CPU kernel is there,
+    every tensor is a plain CPU tensor (not a DTensor or another subclass),
+    and no torch.func transform or forward-mode AD needs the composite."""
+    if not _HAS_KERNEL or _transforms_active():
+        return False
+    if any(t.device.type != "cpu" or type(t) not in (Tensor, nn.Parameter) for t in tensors):
+        return False
+    return torch.compiler.is_compiling() or not torch._C._has_torch_function(tensors)
+
+
+def _setup_context(ctx, inputs, output):
+    residual, fn, scale, base, rms_eps, pre_eps = inputs
+    _, mixes, proj, rstd = output
+    ctx.save_for_backward(residual, fn, scale, base, mixes, proj, rstd)
+    ctx.eps = (rms_eps, pre_eps)
+    ctx.mark_non_differentiable(proj, rstd)
+
+
+def _backward(ctx, grad_x, grad_mixes, _grad_proj, _grad_rstd):
+    residual, fn, scale, base, mixes, proj, rstd = ctx.saved_tensors
+    rms_eps, pre_eps = ctx.eps
+    want = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled():
+        # A graph of the backward (double backward): the composite's, rebuilt
+        # from the saved inputs.
+        leaves = [t for t, w in zip((residual, fn, scale, base), want) if w]
+        outs, grads = zip(*((o, g) for o, g in zip(_pre_composite(residual, fn, scale, base, rms_eps, pre_eps),
+                                                   (grad_x, grad_mixes)) if g is not None))
+        got = iter(torch.autograd.grad(outs, leaves, grads, create_graph=True, allow_unused=True))
+        return (*(next(got) if w else None for w in want), None, None)
+    if grad_x is None:
+        grad_x = residual.new_zeros(residual.shape[:-2] + residual.shape[-1:])
+    grad_r, grad_fn, grad_mix = torch.ops.simplex_param._hc_pre_backward.default(
+        grad_x, grad_mixes, residual, fn, scale, mixes, proj, rstd, pre_eps)
+    n, M = residual.shape[-2], mixes.shape[-1]
+    by_mix = (grad_mix * proj).reshape(-1, M).sum(0)
+    grad_scale = torch.stack([by_mix[:n].sum(), by_mix[n:2 * n].sum(), by_mix[2 * n:].sum()]).to(scale.dtype)
+    grad_base = grad_mix.reshape(-1, M).sum(0).to(base.dtype)
+    return grad_r, grad_fn, grad_scale, grad_base, None, None
+
+
+def _fake_hc_pre(residual, fn, scale, base, rms_eps, pre_eps):
+    acc = acc_dtype(residual.dtype)
+    n, C = residual.shape[-2:]
+    lead = residual.shape[:-2]
+    M = n * (n + 2)
+    return (residual.new_empty(lead + (C,)), residual.new_empty(lead + (M,), dtype=acc),
+            residual.new_empty(lead + (M,), dtype=acc), residual.new_empty(lead, dtype=acc))
+
+
+def _fake_hc_pre_backward(grad_x, grad_mixes, residual, fn, scale, mixes, proj, rstd, pre_eps):
+    return (residual.new_empty(residual.shape), fn.new_empty(fn.shape),
+            mixes.new_empty(mixes.shape, dtype=acc_dtype(residual.dtype)))
+
+
+if _HAS_KERNEL:
+    torch.library.register_fake("simplex_param::hc_pre")(_fake_hc_pre)
+    torch.library.register_fake("simplex_param::_hc_pre_backward")(_fake_hc_pre_backward)
+    torch.library.register_autograd("simplex_param::hc_pre", _backward, setup_context=_setup_context)

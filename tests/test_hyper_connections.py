@@ -165,3 +165,111 @@ def test_shape_errors():
 def test_constructor_errors_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sp.HyperConnections(4, 8, **kwargs)
+
+
+# The fused pre-mix (torch.ops.simplex_param.hc_pre, CPU kernels): against
+# the composite, which the fallback and other devices run, and against the
+# formula in float64.
+needs_kernel = pytest.mark.skipif(not sp.hyper_connections._HAS_KERNEL, reason="the compiled CPU kernel")
+
+
+def fused(residual, hc):
+    return torch.ops.simplex_param.hc_pre(residual, hc.fn, hc.scale, hc.base, hc.rms_eps, hc.pre_eps)
+
+
+@needs_kernel
+def test_pre_runs_the_fused_op_on_cpu():
+    hc, residual = make()
+    x, _ = hc.pre(residual.requires_grad_())
+    assert "hc_pre" in x.grad_fn.name()
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, C, tokens", [(1, 5, 3), (2, 16, 33), (4, 37, 21), (3, 256, 17), (5, 8, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fused_op_matches_the_formula(n, C, tokens, dtype):
+    """Column tails (n C not a multiple of the lanes), token blocks cut
+    short, one stream: outputs and every gradient within the dtype's
+    tolerance of the composite run in float64."""
+    torch.manual_seed(n * 1000 + C)
+    hc = sp.HyperConnections(n, C)
+    with torch.no_grad():
+        hc.scale.copy_(torch.rand(3) + 0.5)
+        hc.base.copy_(torch.randn(n * (n + 2)))
+    residual = torch.randn(tokens, n, C).to(dtype).requires_grad_()
+    x, mixes, proj, rstd = fused(residual, hc)
+    assert x.dtype == dtype and x.shape == (tokens, C)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mixes.dtype == proj.dtype == rstd.dtype == acc and mixes.shape == (tokens, n * (n + 2))
+    assert not proj.requires_grad and not rstd.requires_grad
+    leaves = [residual.detach().double().requires_grad_(), *(p.detach().double().requires_grad_()
+                                                            for p in hc.parameters())]
+    want_x, want_mixes = sp.hyper_connections._pre_composite(*leaves, hc.rms_eps, hc.pre_eps)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(mixes.double(), want_mixes, atol=tol * 10, rtol=tol * 10)
+    torch.testing.assert_close(x.double(), want_x.to(dtype).double(), atol=tol * 4, rtol=tol * 4)
+    gx, gm = torch.randn(x.shape).to(dtype), torch.randn(mixes.shape).to(acc)
+    got = torch.autograd.grad([x, mixes], [residual, *hc.parameters()], [gx, gm])
+    want = torch.autograd.grad([want_x, want_mixes], leaves, [gx.double(), gm.double()])
+    for g, w, name in zip(got, want, ["residual", "fn", "scale", "base"]):
+        t = tol if name == "residual" else max(tol, 2e-6)  # the parameters' gradients are float32
+        torch.testing.assert_close(g.double(), w, atol=t * 10 * max(1.0, float(w.abs().max())), rtol=t * 10,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@needs_kernel
+def test_fused_op_gradcheck_and_gradgradcheck():
+    torch.manual_seed(1)
+    n, C = 3, 5
+    residual = torch.randn(4, n, C, dtype=torch.float64, requires_grad=True)
+    fn = torch.randn(n * (n + 2), n * C, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(n * (n + 2), dtype=torch.float64, requires_grad=True)
+
+    def f(*args):
+        return torch.ops.simplex_param.hc_pre(*args, 1e-6, 1e-3)[:2]
+
+    assert torch.autograd.gradcheck(f, (residual, fn, scale, base))
+    assert torch.autograd.gradgradcheck(f, (residual, fn, scale, base))
+
+
+@needs_kernel
+def test_fused_op_opcheck():
+    hc, residual = make(n=3, C=8)
+    torch.library.opcheck(torch.ops.simplex_param.hc_pre.default,
+                          (residual.requires_grad_(), hc.fn, hc.scale, hc.base, 1e-6, 1e-6))
+
+
+@needs_kernel
+def test_fused_op_same_bits_on_any_thread_count():
+    hc, residual = make(n=4, C=300)
+    residual = torch.randn(70, 4, 300).requires_grad_()
+    g = torch.randn(70, 300)
+    prev = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x, mixes, _, _ = fused(residual, hc)
+            runs.append((x, mixes, *torch.autograd.grad(x, [residual, *hc.parameters()], g)))
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+@pytest.mark.parametrize("args, exc, match", [
+    (dict(fn=torch.zeros(24, 31)), ValueError, r"hc_pre: fn must have shape \[24, 32\]"),
+    (dict(scale=torch.zeros(2)), ValueError, r"hc_pre: scale must have shape \[3\]"),
+    (dict(base=torch.zeros(23)), ValueError, r"hc_pre: base must have shape \[24\]"),
+    (dict(residual=torch.zeros(4, 0)), ValueError, r"hc_pre: residual must have shape \(\*, n, C\) with n >= 1"),
+    (dict(residual=torch.zeros(2, 4, 8, dtype=torch.int32)), TypeError, "hc_pre: residual must be a floating"),
+    (dict(rms_eps=-1.0), ValueError, "hc_pre: rms_eps must be a finite float >= 0"),
+])
+def test_fused_op_errors_name_the_argument(args, exc, match):
+    call = dict(residual=torch.zeros(2, 4, 8), fn=torch.zeros(24, 32), scale=torch.zeros(3), base=torch.zeros(24),
+                rms_eps=1e-6, pre_eps=1e-6)
+    call.update(args)
+    with pytest.raises(exc, match=match):
+        torch.ops.simplex_param.hc_pre(*call.values())

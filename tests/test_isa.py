@@ -77,6 +77,21 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         grads = torch.autograd.grad(out, [w, *xs], torch.randn(out.shape, generator=gen).to(dtype))
         for t in (out, *grads):
             digest.update(bits(t).numpy().tobytes())
+# HyperConnections.pre's fused op: projections with a column tail (n C not
+# a multiple of 16) and token blocks cut short, forward and backward.
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for n, C, tokens in [(4, 37, 21), (3, 256, 17)]:
+        hc = sp.HyperConnections(n, C)
+        with torch.no_grad():
+            hc.fn.copy_(torch.randn(hc.fn.shape, generator=gen) * 0.1)
+            hc.scale.copy_(torch.rand(3, generator=gen) + 0.5)
+            hc.base.copy_(torch.randn(n * (n + 2), generator=gen))
+        residual = torch.randn(tokens, n, C, generator=gen).to(dtype).requires_grad_()
+        x, mixes, _, _ = torch.ops.simplex_param.hc_pre(residual, hc.fn, hc.scale, hc.base, 1e-6, 1e-6)
+        grads = torch.autograd.grad([x, mixes], [residual, *hc.parameters()],
+                                    [torch.randn(x.shape, generator=gen).to(dtype), torch.randn(mixes.shape, generator=gen).to(mixes.dtype)])
+        for t in (x, mixes, *grads):
+            digest.update(bits(t).numpy().tobytes())
 print(_ext.MODULE.cpu_capability(), digest.hexdigest())
 """
 

@@ -1,0 +1,209 @@
+// The CPU kernels of mHC's fused pre-mix (../hyper_connections.h): the
+// kernels of hc_kernels.h built for three instruction sets in this file, the
+// one to run chosen as the contraction's is (capability.h); the argument
+// checks, conversion and allocation around them; the CPU registrations.
+// Other devices run HyperConnections.pre's composite (hyper_connections.py).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../dtypes.h"
+#include "../hyper_connections.h"
+#include "capability.h"
+
+#define SP_HC_ISA baseline
+#define SP_HC_ROWS 2
+#include "hc_kernels.h"
+#undef SP_HC_ROWS
+#undef SP_HC_ISA
+
+// GCC only: Clang does not honour #pragma GCC target.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
+#define SP_HC_X86 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define SP_HC_ISA avx2
+#define SP_HC_ROWS 4
+#include "hc_kernels.h"
+#undef SP_HC_ROWS
+#undef SP_HC_ISA
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#define SP_HC_ISA avx512
+#define SP_HC_ROWS 8
+#include "hc_kernels.h"
+#undef SP_HC_ROWS
+#undef SP_HC_ISA
+#pragma GCC pop_options
+#else
+#define SP_HC_X86 0
+#endif
+
+namespace simplex_param {
+namespace cpu {
+namespace {
+
+struct HcKernels {
+  HcKernel forward, backward;
+};
+
+HcKernels choose() {
+#if SP_HC_X86
+  const std::string isa = active_capability();
+  if (isa == "avx512" || isa == "avx512_bf16") return {avx512::forward, avx512::backward};
+  if (isa == "avx2") return {avx2::forward, avx2::backward};
+#endif
+  return {baseline::forward, baseline::backward};
+}
+
+const HcKernels& kernels() {
+  static const HcKernels k = choose();
+  return k;
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef lead, int64_t last) {
+  std::vector<int64_t> sizes(lead.begin(), lead.end());
+  sizes.push_back(last);
+  return sizes;
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef want) {
+  TORCH_CHECK_VALUE(t.sizes() == want, op, ": ", name, " must have shape ", want, ", got ", t.sizes());
+}
+
+void check_floating(const char* op, const char* name, const at::Tensor& t, const at::Tensor& residual) {
+  TORCH_CHECK_TYPE(kernel_dtype(t.scalar_type()), op, ": ", name,
+                   " must be a floating tensor (float16, bfloat16, float32 or float64), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == residual.device(), op, ": ", name, " is on device ", t.device(),
+                    " but residual is on device ", residual.device());
+}
+
+// The checks both ops share: residual (*, n, C), fn (M, n C), scale (3,);
+// returns M = n (n + 2).
+int64_t check_common(const char* op, const at::Tensor& residual, const at::Tensor& fn, const at::Tensor& scale) {
+  check_floating(op, "residual", residual, residual);
+  TORCH_CHECK_VALUE(residual.dim() >= 2 && residual.size(-2) >= 1 && residual.size(-1) >= 1, op,
+                    ": residual must have shape (*, n, C) with n >= 1 and C >= 1, got ", residual.sizes());
+  const int64_t n = residual.size(-2), M = n * (n + 2);
+  check_floating(op, "fn", fn, residual);
+  check_shape(op, "fn", fn, {M, n * residual.size(-1)});
+  check_floating(op, "scale", scale, residual);
+  check_shape(op, "scale", scale, {3});
+  return M;
+}
+
+void check_eps(const char* op, const char* name, double v) {
+  TORCH_CHECK_VALUE(v >= 0.0 && std::isfinite(v), op, ": ", name, " must be a finite float >= 0, got ", v);
+}
+
+HcPre params(const at::Tensor& residual, int64_t M) {
+  HcPre p;
+  p.n = residual.size(-2);
+  p.C = residual.size(-1);
+  p.M = M;
+  p.tokens = residual.numel() / (p.n * p.C);
+  p.dtype = residual.scalar_type();
+  p.acc = acc_type(p.dtype);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_pre_cpu(
+    const at::Tensor& residual, const at::Tensor& fn, const at::Tensor& scale, const at::Tensor& base,
+    double rms_eps, double pre_eps) {
+  const char* op = "hc_pre";
+  const int64_t M = check_common(op, residual, fn, scale);
+  check_floating(op, "base", base, residual);
+  check_shape(op, "base", base, {M});
+  check_eps(op, "rms_eps", rms_eps);
+  check_eps(op, "pre_eps", pre_eps);
+  HcPre p = params(residual, M);
+  const at::Tensor r = residual.contiguous();
+  const at::Tensor f = fn.to(p.acc).contiguous(), s = scale.to(p.acc).contiguous(), b = base.to(p.acc).contiguous();
+  const at::IntArrayRef lead = residual.sizes().slice(0, residual.dim() - 2);
+  const at::TensorOptions acc = residual.options().dtype(p.acc);
+  at::Tensor x = at::empty(with_last(lead, p.C), residual.options());
+  at::Tensor mixes = at::empty(with_last(lead, M), acc), proj = at::empty(with_last(lead, M), acc);
+  at::Tensor rstd = at::empty(lead, acc);
+  p.rms_eps = rms_eps;
+  p.pre_eps = pre_eps;
+  p.residual = r.const_data_ptr();
+  p.fn = f.const_data_ptr();
+  p.scale = s.const_data_ptr();
+  p.base = b.const_data_ptr();
+  p.x = x.mutable_data_ptr();
+  p.mixes = mixes.mutable_data_ptr();
+  p.proj = proj.mutable_data_ptr();
+  p.rstd = rstd.mutable_data_ptr();
+  if (p.tokens > 0) kernels().forward(p);
+  return {x, mixes, proj, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_pre_backward_cpu(
+    const at::Tensor& grad_x, const std::optional<at::Tensor>& grad_mixes, const at::Tensor& residual,
+    const at::Tensor& fn, const at::Tensor& scale, const at::Tensor& mixes, const at::Tensor& proj,
+    const at::Tensor& rstd, double pre_eps) {
+  const char* op = "_hc_pre_backward";
+  const int64_t M = check_common(op, residual, fn, scale);
+  check_eps(op, "pre_eps", pre_eps);
+  HcPre p = params(residual, M);
+  const at::IntArrayRef lead = residual.sizes().slice(0, residual.dim() - 2);
+  check_shape(op, "grad_x", grad_x, with_last(lead, p.C));
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mixes", &mixes}, {"proj", &proj}}) {
+    check_shape(op, name, *t, with_last(lead, M));
+  }
+  check_shape(op, "rstd", rstd, lead);
+  const bool has_gm = grad_mixes.has_value() && grad_mixes->defined();
+  if (has_gm) check_shape(op, "grad_mixes", *grad_mixes, with_last(lead, M));
+  for (const at::Tensor* t : {&grad_x, &mixes, &proj, &rstd}) check_floating(op, "a saved tensor or grad", *t, residual);
+
+  const at::TensorOptions acc = residual.options().dtype(p.acc);
+  const at::Tensor r = residual.contiguous(), g = grad_x.to(residual.scalar_type()).contiguous();
+  const at::Tensor f = fn.to(p.acc).contiguous(), s = scale.to(p.acc).contiguous();
+  const at::Tensor mx = mixes.to(p.acc).contiguous(), pj = proj.to(p.acc).contiguous(), rs = rstd.to(p.acc).contiguous();
+  const at::Tensor gm = has_gm ? grad_mixes->to(p.acc).contiguous() : at::Tensor();
+  at::Tensor grad_residual = at::empty(residual.sizes(), residual.options());
+  at::Tensor grad_fn = at::empty({M, p.n * p.C}, acc);
+  at::Tensor grad_mix = at::empty(with_last(lead, M), acc);
+  at::Tensor grad_dots = at::empty({p.tokens, M}, acc);
+  p.pre_eps = pre_eps;
+  p.residual = r.const_data_ptr();
+  p.fn = f.const_data_ptr();
+  p.scale = s.const_data_ptr();
+  p.mixes = const_cast<void*>(mx.const_data_ptr());
+  p.proj = const_cast<void*>(pj.const_data_ptr());
+  p.rstd = const_cast<void*>(rs.const_data_ptr());
+  p.grad_x = g.const_data_ptr();
+  p.grad_mixes = has_gm ? gm.const_data_ptr() : nullptr;
+  p.grad_residual = grad_residual.mutable_data_ptr();
+  p.grad_fn = grad_fn.mutable_data_ptr();
+  p.grad_mix = grad_mix.mutable_data_ptr();
+  p.grad_dots = grad_dots.mutable_data_ptr();
+  if (p.tokens > 0) {
+    kernels().backward(p);
+  } else {
+    grad_fn.zero_();
+  }
+  return {grad_residual, grad_fn.to(fn.scalar_type()), grad_mix};
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(simplex_param, CPU, m) {
+  m.impl("hc_pre", &hc_pre_cpu);
+  m.impl("_hc_pre_backward", &hc_pre_backward_cpu);
+}
+
+} // namespace cpu
+} // namespace simplex_param

@@ -1,0 +1,376 @@
+// The CPU kernels of mHC's fused pre-mix (../hyper_connections.h), for one
+// instruction set: hc_cpu.cpp includes this header once per set, each time
+// inside its own `#pragma GCC target` region and namespace SP_HC_ISA, as
+// sinkhorn_kernels.h is.
+//
+// Forward, per token (in parallel over tokens): the token converted to the
+// compute dtype once (an L1/L2 buffer), then read from the cache for its
+// sum of squares, the M projections (fn's rows 8 at a time against it) and
+// the layer input. One read of the residual from memory.
+//
+// Backward, in two passes. Per token (in parallel over tokens): the n dot
+// products <grad_x, r_j>, the mixes' gradient, and the token's gradient
+//   grad_r = pre_j grad_x + sum_m grad_dots[m] fn[m] - (sum_m grad_proj[m] proj[m]) rstd^2 / D * r.
+// Then fn's gradient, sum over tokens of grad_dots[t] (x) r_t, in parallel
+// over blocks of columns (each block's M rows of sums stay in L1), the
+// tokens in order: no reduction across threads.
+//
+// Bitwise the same on every instruction set and thread count: no a * b + c
+// contraction (-ffp-contract=off), a dot product is kLanes partial sums added
+// pairwise, every other sum is taken in a fixed order.
+#if defined(__GNUC__)
+#define SP_HC_INLINE inline __attribute__((always_inline))
+#else
+#define SP_HC_INLINE inline
+#endif
+
+namespace simplex_param {
+namespace cpu {
+namespace SP_HC_ISA {
+
+// 64 bytes of lanes: one AVX-512 register, two AVX2 ones.
+template <typename A>
+constexpr int kLanes = 64 / static_cast<int>(sizeof(A));
+
+// src converted to the compute dtype: src itself when it is that dtype,
+// else converted into buf (bfloat16 on the bits, which vectorises).
+template <typename T, typename A>
+SP_HC_INLINE const A* as_acc(const T* src, A* buf, int64_t len) {
+  if constexpr (std::is_same_v<T, A>) {
+    return src;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int64_t i = 0; i < len; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(src[i].x) << 16;
+      std::memcpy(buf + i, &bits, sizeof(float));
+    }
+    return buf;
+  } else {
+    for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<A>(src[i]);
+    return buf;
+  }
+}
+
+// dst = src converted from the compute dtype (bfloat16 rounded to nearest
+// even with NaN made quiet, as c10::BFloat16 does).
+template <typename T, typename A>
+SP_HC_INLINE void store(const A* src, T* dst, int64_t len) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int64_t i = 0; i < len; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, src + i, sizeof(bits));
+      const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+      dst[i].x = static_cast<uint16_t>(src[i] != src[i] ? 0x7FC0u : rounded);
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+template <typename A>
+SP_HC_INLINE A lane_sum(A* s) {
+  for (int w = kLanes<A> / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  }
+  return s[0];
+}
+
+// kLanes values in one GCC vector: the accumulators of dots() live in
+// registers (arrays of A do not: GCC keeps them on the stack).
+template <typename A>
+struct Lanes {
+  typedef A type __attribute__((vector_size(64)));
+};
+
+// out[b] = <f[b], v> for b < B, each as kLanes partial sums added pairwise
+// (the same bits for any B): v is read once for the B rows.
+template <int B, typename A>
+SP_HC_INLINE void dots(const A* const* f, const A* v, int64_t len, A* out) {
+  using V = typename Lanes<A>::type;
+  constexpr int L = kLanes<A>;
+  V s[B];
+  for (int b = 0; b < B; ++b) s[b] = V{};
+  int64_t i = 0;
+  for (; i + L <= len; i += L) {
+    V x;
+    std::memcpy(&x, v + i, sizeof(V));
+    for (int b = 0; b < B; ++b) {
+      V y;
+      std::memcpy(&y, f[b] + i, sizeof(V));
+      s[b] += y * x;
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    alignas(64) A lanes[L];
+    std::memcpy(lanes, &s[b], sizeof(V));
+    for (int l = 0; i + l < len; ++l) lanes[l] += f[b][i + l] * v[i + l];
+    out[b] = lane_sum(lanes);
+  }
+}
+
+// The projections fn @ r of a block of tokens, as GCC vectors of lane
+// sums: the columns in chunks of kChunk, each chunk of fn (M x 1 KiB) read
+// from L1 for every token of the block, kRows of its rows at a time (as
+// many accumulators as the registers hold: one vector is one AVX-512
+// register, two AVX2 ones, four SSE ones). Each lane sums its columns in
+// increasing order, so the bits are those of dots().
+template <typename A>
+constexpr int64_t kChunk = 1024 / static_cast<int64_t>(sizeof(A));
+constexpr int kRows = SP_HC_ROWS;
+
+template <int B, typename A>
+SP_HC_INLINE void chunk_dots(const A* f, int64_t stride, const A* v, int64_t len, typename Lanes<A>::type* s) {
+  using V = typename Lanes<A>::type;
+  constexpr int L = kLanes<A>;
+  V acc[B];
+  for (int b = 0; b < B; ++b) acc[b] = s[b];
+  for (int64_t i = 0; i < len; i += L) {
+    V x;
+    std::memcpy(&x, v + i, sizeof(V));
+    for (int b = 0; b < B; ++b) {
+      V y;
+      std::memcpy(&y, f + b * stride + i, sizeof(V));
+      acc[b] += y * x;
+    }
+  }
+  for (int b = 0; b < B; ++b) s[b] = acc[b];
+}
+
+// d[t * M + m] = <fn[m], r[t]> for the `count` tokens r[0..count):
+// chunk_dots over the whole vectors, then the columns past the last whole
+// vector per lane, then the lanes added pairwise. fn's chunk is first
+// copied into `packed` (M x kChunk): fn's rows, n C values apart (often a
+// multiple of 4 KiB), would all fall in the same L1 sets. sums: count * M
+// vectors of scratch.
+template <typename A>
+void block_dots(const A* fn, int64_t M, int64_t D, const A* const* r, int64_t count, A* packed,
+                typename Lanes<A>::type* sums, A* d) {
+  using V = typename Lanes<A>::type;
+  constexpr int L = kLanes<A>;
+  const int64_t whole = D - D % L;
+  for (int64_t e = 0; e < count * M; ++e) sums[e] = V{};
+  for (int64_t c0 = 0; c0 < whole; c0 += kChunk<A>) {
+    const int64_t w = std::min(kChunk<A>, whole - c0);
+    for (int64_t m = 0; m < M; ++m) std::memcpy(packed + m * w, fn + m * D + c0, w * sizeof(A));
+    for (int64_t t = 0; t < count; ++t) {
+      int64_t m = 0;
+      for (; m + kRows <= M; m += kRows) chunk_dots<kRows>(packed + m * w, w, r[t] + c0, w, sums + t * M + m);
+      for (; m < M; ++m) chunk_dots<1>(packed + m * w, w, r[t] + c0, w, sums + t * M + m);
+    }
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t m = 0; m < M; ++m) {
+      alignas(64) A lanes[L];
+      std::memcpy(lanes, sums + t * M + m, sizeof(V));
+      for (int l = 0; whole + l < D; ++l) lanes[l] += fn[m * D + whole + l] * r[t][whole + l];
+      d[t * M + m] = lane_sum(lanes);
+    }
+  }
+}
+
+// Tokens per block of the kernels: the block's fn chunk is read from L1
+// once per token, the block's tokens stay in L2 (16 x n C values).
+constexpr int64_t kTokens = 16;
+
+// out[m] = <rows + m * stride, v> for m < count: 8 rows at a time, then one.
+template <typename A>
+SP_HC_INLINE void row_dots(const A* rows, int64_t stride, int64_t count, const A* v, int64_t len, A* out) {
+  int64_t m = 0;
+  for (; m + 8 <= count; m += 8) {
+    const A* f[8];
+    for (int b = 0; b < 8; ++b) f[b] = rows + (m + b) * stride;
+    dots<8>(f, v, len, out + m);
+  }
+  for (; m < count; ++m) {
+    const A* f[1] = {rows + m * stride};
+    dots<1>(f, v, len, out + m);
+  }
+}
+
+// Which of scale's three entries scales mix m.
+SP_HC_INLINE int64_t group(int64_t m, int64_t n) { return m < n ? 0 : m < 2 * n ? 1 : 2; }
+
+template <typename A>
+SP_HC_INLINE A sigmoid(A v) {
+  return A(1) / (A(1) + std::exp(-v));
+}
+
+// Tokens per task of at::parallel_for: about 64 Ki multiply-adds.
+SP_HC_INLINE int64_t token_grain(const HcPre& p) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, p.n * p.C * (p.M + 2)));
+}
+
+template <typename T, typename A>
+void forward_tokens(const HcPre& p) {
+  const int64_t n = p.n, C = p.C, D = n * C, M = p.M;
+  const T* residual = static_cast<const T*>(p.residual);
+  const A* fn = static_cast<const A*>(p.fn);
+  const A* scale = static_cast<const A*>(p.scale);
+  const A* base = static_cast<const A*>(p.base);
+  T* x = static_cast<T*>(p.x);
+  A* mixes = static_cast<A*>(p.mixes);
+  A* proj = static_cast<A*>(p.proj);
+  A* rstd = static_cast<A*>(p.rstd);
+  using V = typename Lanes<A>::type;
+  const int64_t blocks = (p.tokens + kTokens - 1) / kTokens;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> buf((std::is_same_v<T, A> ? 0 : kTokens * D) + C + kTokens * M + n + M * kChunk<A>);
+    std::vector<A> raw((kTokens * M + 1) * kLanes<A>);  // the lane sums, 64-byte aligned below
+    V* sums = reinterpret_cast<V*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t{63});
+    A* conv = buf.data();                                 // the tokens, when converted
+    A* acc = conv + (std::is_same_v<T, A> ? 0 : kTokens * D);  // a layer input
+    A* d = acc + C;                                       // fn @ r
+    A* pre = d + kTokens * M;
+    A* packed = pre + n;                                  // fn's chunk
+    const A* r[kTokens];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t0 = blk * kTokens, count = std::min(kTokens, p.tokens - t0);
+      for (int64_t q = 0; q < count; ++q) r[q] = as_acc(residual + (t0 + q) * D, conv + q * D, D);
+      block_dots(fn, M, D, r, count, packed, sums, d);
+      for (int64_t q = 0; q < count; ++q) {
+        const int64_t t = t0 + q;
+        A ss;
+        row_dots(r[q], 0, 1, r[q], D, &ss);
+        const A rs = A(1) / std::sqrt(ss / static_cast<A>(D) + static_cast<A>(p.rms_eps));
+        for (int64_t m = 0; m < M; ++m) {
+          const A pm = d[q * M + m] * rs;
+          proj[t * M + m] = pm;
+          mixes[t * M + m] = pm * scale[group(m, n)] + base[m];
+        }
+        for (int64_t j = 0; j < n; ++j) pre[j] = sigmoid(mixes[t * M + j]) + static_cast<A>(p.pre_eps);
+        rstd[t] = rs;
+        for (int64_t c = 0; c < C; ++c) acc[c] = pre[0] * r[q][c];
+        for (int64_t j = 1; j < n; ++j) {
+          const A* rj = r[q] + j * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += pre[j] * rj[c];
+        }
+        store(acc, x + t * C, C);
+      }
+    }
+  });
+}
+
+// The first pass of the backward: everything per token (the file's comment).
+template <typename T, typename A>
+void backward_tokens(const HcPre& p) {
+  const int64_t n = p.n, C = p.C, D = n * C, M = p.M;
+  const T* residual = static_cast<const T*>(p.residual);
+  const T* grad_x = static_cast<const T*>(p.grad_x);
+  const A* fn = static_cast<const A*>(p.fn);
+  const A* scale = static_cast<const A*>(p.scale);
+  const A* mixes = static_cast<const A*>(p.mixes);
+  const A* proj = static_cast<const A*>(p.proj);
+  const A* rstd = static_cast<const A*>(p.rstd);
+  const A* grad_mixes = static_cast<const A*>(p.grad_mixes);
+  T* grad_residual = static_cast<T*>(p.grad_residual);
+  A* grad_mix = static_cast<A*>(p.grad_mix);
+  A* grad_dots = static_cast<A*>(p.grad_dots);
+  at::parallel_for(0, p.tokens, token_grain(p), [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(2 * D + C + 2 * n);
+    A* conv = buf.data();  // the token, when converted
+    A* row = conv + D;     // its gradient
+    A* gconv = row + D;    // grad_x's row, when converted
+    A* gp = gconv + C;     // <grad_x, r_j>
+    A* pre = gp + n;
+    for (int64_t t = begin; t < end; ++t) {
+      const A* r = as_acc(residual + t * D, conv, D);
+      const A* g = as_acc(grad_x + t * C, gconv, C);
+      row_dots(r, C, n, g, C, gp);
+      const A rs = rstd[t];
+      A pp = 0;  // sum_m grad_proj[m] proj[m]
+      for (int64_t m = 0; m < M; ++m) {
+        A gm = grad_mixes != nullptr ? grad_mixes[t * M + m] : A(0);
+        if (m < n) {
+          const A s = sigmoid(mixes[t * M + m]);
+          pre[m] = s + static_cast<A>(p.pre_eps);
+          gm += gp[m] * (s * (A(1) - s));
+        }
+        grad_mix[t * M + m] = gm;
+        const A gproj = gm * scale[group(m, n)];
+        grad_dots[t * M + m] = gproj * rs;
+        pp += gproj * proj[t * M + m];
+      }
+      const A coef = -pp * rs * rs / static_cast<A>(D);
+      for (int64_t i = 0; i < D; ++i) row[i] = coef * r[i];
+      for (int64_t j = 0; j < n; ++j) {
+        A* rowj = row + j * C;
+        for (int64_t c = 0; c < C; ++c) rowj[c] += pre[j] * g[c];
+      }
+      const A* gd = grad_dots + t * M;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        const A *f0 = fn + m * D, *f1 = f0 + D, *f2 = f1 + D, *f3 = f2 + D;
+        for (int64_t i = 0; i < D; ++i) row[i] += (gd[m] * f0[i] + gd[m + 1] * f1[i]) + (gd[m + 2] * f2[i] + gd[m + 3] * f3[i]);
+      }
+      for (; m < M; ++m) {
+        const A* f = fn + m * D;
+        for (int64_t i = 0; i < D; ++i) row[i] += gd[m] * f[i];
+      }
+      store(row, grad_residual + t * D, D);
+    }
+  });
+}
+
+// The second pass: grad_fn[m, i] = sum over t of grad_dots[t, m] r_t[i],
+// tokens 4 at a time, in order.
+template <typename T, typename A>
+void backward_fn(const HcPre& p) {
+  constexpr int64_t kCols = 1024 / static_cast<int64_t>(sizeof(A));
+  const int64_t D = p.n * p.C, M = p.M;
+  const T* residual = static_cast<const T*>(p.residual);
+  const A* grad_dots = static_cast<const A*>(p.grad_dots);
+  A* grad_fn = static_cast<A*>(p.grad_fn);
+  const int64_t blocks = (D + kCols - 1) / kCols;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> buf((M + 4) * kCols);
+    A* sums = buf.data();
+    A* conv = sums + M * kCols;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c0 = b * kCols, w = std::min(kCols, D - c0);
+      std::fill(sums, sums + M * kCols, A(0));
+      int64_t t = 0;
+      for (; t + 4 <= p.tokens; t += 4) {
+        const A* r[4];
+        for (int q = 0; q < 4; ++q) r[q] = as_acc(residual + (t + q) * D + c0, conv + q * kCols, w);
+        const A* gd = grad_dots + t * M;
+        for (int64_t m = 0; m < M; ++m) {
+          const A a0 = gd[m], a1 = gd[M + m], a2 = gd[2 * M + m], a3 = gd[3 * M + m];
+          A* s = sums + m * kCols;
+          for (int64_t i = 0; i < w; ++i) s[i] += (a0 * r[0][i] + a1 * r[1][i]) + (a2 * r[2][i] + a3 * r[3][i]);
+        }
+      }
+      for (; t < p.tokens; ++t) {
+        const A* r = as_acc(residual + t * D + c0, conv, w);
+        for (int64_t m = 0; m < M; ++m) {
+          const A a = grad_dots[t * M + m];
+          A* s = sums + m * kCols;
+          for (int64_t i = 0; i < w; ++i) s[i] += a * r[i];
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) std::copy(sums + m * kCols, sums + m * kCols + w, grad_fn + m * D + c0);
+    }
+  });
+}
+
+template <typename T, typename A>
+void backward_all(const HcPre& p) {
+  backward_tokens<T, A>(p);
+  backward_fn<T, A>(p);
+}
+
+inline void forward(const HcPre& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "hc_pre_cpu", [&] {
+    forward_tokens<scalar_t, at::opmath_type<scalar_t>>(p);
+  });
+}
+
+inline void backward(const HcPre& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "hc_pre_backward_cpu", [&] {
+    backward_all<scalar_t, at::opmath_type<scalar_t>>(p);
+  });
+}
+
+} // namespace SP_HC_ISA
+} // namespace cpu
+} // namespace simplex_param
+
+#undef SP_HC_INLINE
