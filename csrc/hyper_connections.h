@@ -44,6 +44,27 @@ struct HcPre {
   void* grad_dots = nullptr;                // tokens x M scratch: the gradient of fn @ r
 };
 
+// mHC's post-mix, fused: out_i = post_i * layer_output + sum_j H[j, i] r_j
+// per token, the sums in the compute dtype in that order (post first, then
+// j = 0 .. n - 1). Its backward, per token:
+//   grad_layer_output = sum_i post_i g_i       grad_post_i = <g_i, layer_output>
+//   grad_r_j = sum_i H[j, i] g_i               grad_H[j, i] = <g_i, r_j>
+struct HcPost {
+  int64_t tokens = 0, n = 0, C = 0;
+  at::ScalarType dtype;                     // of layer_output, residual, out and their gradients
+  const void* layer_output = nullptr;       // tokens x C, contiguous
+  const void* residual = nullptr;           // tokens x n x C
+  const void* post = nullptr;               // tokens x n, compute dtype
+  const void* h = nullptr;                  // tokens x n x n, compute dtype
+  void* out = nullptr;                      // forward: tokens x n x C
+  const void* grad = nullptr;               // backward: out's gradient
+  void* grad_layer_output = nullptr;
+  void* grad_residual = nullptr;
+  void* grad_post = nullptr;
+  void* grad_h = nullptr;
+};
+
 using HcKernel = void (*)(const HcPre&);
+using HcPostKernel = void (*)(const HcPost&);
 
 } // namespace simplex_param

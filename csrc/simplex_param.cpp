@@ -18,8 +18,9 @@
 //                           kernels per backend (cpu/sinkhorn_cpu.cpp, ...),
 //                           shared code in sinkhorn.cpp, autograd in
 //                           sinkhorn_autograd.cpp
-//   hc_pre                  mHC's fused pre-mix: CPU kernels (cpu/hc_cpu.cpp),
-//                           autograd in simplex_param/hyper_connections.py
+//   hc_pre, hc_post         mHC's fused pre-mix and post-mix: CPU kernels
+//                           (cpu/hc_cpu.cpp), autograd in
+//                           simplex_param/hyper_connections.py
 // Fake kernels for torch.compile are registered from Python
 // (simplex_param/ops.py); the module `simplex_param._C` is python_module.cpp.
 #include <torch/library.h>
@@ -75,4 +76,11 @@ TORCH_LIBRARY(simplex_param, m) {
   m.def(
       "_hc_pre_backward(Tensor grad_x, Tensor? grad_mixes, Tensor residual, Tensor fn, Tensor scale, "
       "Tensor mixes, Tensor proj, Tensor rstd, float pre_eps) -> (Tensor, Tensor, Tensor)");
+  // mHC's post-mix, fused: layer_output (*, C) in the residual's dtype,
+  // residual (*, n, C), post (*, n), h (*, n, n); the new residual. CPU only.
+  m.def("hc_post(Tensor layer_output, Tensor residual, Tensor post, Tensor h) -> Tensor");
+  // (grad of layer_output, of the residual, of post, of h).
+  m.def(
+      "_hc_post_backward(Tensor grad, Tensor layer_output, Tensor residual, Tensor post, Tensor h) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -156,15 +156,23 @@ class HyperConnections(nn.Module):
     def post(self, layer_output: Tensor, residual: Tensor, ctx: HyperContext) -> Tensor:
         """The new residual ``(*, n, C)``: ``out_i = post_i * layer_output + sum_j H[j, i] residual_j``,
         accumulated in float32, in the residual's dtype (a layer output of
-        another dtype is cast to it first)."""
+        another dtype is cast to it first).
+
+        On CPU with the compiled extension, one op
+        (``torch.ops.simplex_param.hc_post``) whose backward writes the
+        residual's gradient whole; elsewhere, :func:`~simplex_param.mix` of
+        the layer output and the streams."""
         self._check_residual(residual)
         if not isinstance(layer_output, Tensor) or layer_output.shape != residual.shape[:-2] + residual.shape[-1:]:
             raise ValueError(f"HyperConnections.post: layer_output must have shape (*, C) = "
                              f"{list(residual.shape[:-2] + residual.shape[-1:])}, got "
                              f"{list(layer_output.shape) if isinstance(layer_output, Tensor) else layer_output!r}")
         post, h = ctx
+        layer_output = layer_output.to(residual.dtype)
+        if _use_kernel(layer_output, residual, post, h):
+            return torch.ops.simplex_param.hc_post.default(layer_output, residual, post, h)
         weights = torch.cat([post.unsqueeze(-1), h.mT], -1)  # row i: [post_i, H[0, i], ..., H[n-1, i]]
-        return mix(weights, [layer_output.to(residual.dtype), *residual.unbind(-2)])
+        return mix(weights, [layer_output, *residual.unbind(-2)])
 
     def wrap(self, layer: nn.Module) -> "HyperConnected":
         """A module running ``pre``, ``layer`` and ``post``: ``wrapped(residual, *args, **kwargs)``
@@ -204,11 +212,21 @@ def _pre_composite(residual, fn, scale, base, rms_eps, pre_eps):
     return x, mixes
 
 
+def _post_composite(layer_output, residual, post, h):
+    """``hc_post``, composed of differentiable ATen ops."""
+    acc = acc_dtype(residual.dtype)
+    out = layer_output.to(acc).unsqueeze(-2) * post.to(acc).unsqueeze(-1) + h.to(acc).mT @ residual.to(acc)
+    return out.to(residual.dtype)
+
+
+_OPS = ("hc_pre", "_hc_pre_backward", "hc_post", "_hc_post_backward")
+
+
 def _has_cpu_kernel() -> bool:
     if not _ext.extension_loaded():
         return False
     has = torch._C._dispatch_has_computed_kernel_for_dispatch_key
-    return has("simplex_param::hc_pre", "CPU") and has("simplex_param::_hc_pre_backward", "CPU")
+    return all(has(f"simplex_param::{op}", "CPU") for op in _OPS)
 
 
 _HAS_KERNEL = _has_cpu_kernel()
@@ -238,13 +256,9 @@ def _backward(ctx, grad_x, grad_mixes, _grad_proj, _grad_rstd):
     rms_eps, pre_eps = ctx.eps
     want = ctx.needs_input_grad[:4]
     if torch.is_grad_enabled():
-        # A graph of the backward (double backward): the composite's, rebuilt
-        # from the saved inputs.
-        leaves = [t for t, w in zip((residual, fn, scale, base), want) if w]
-        outs, grads = zip(*((o, g) for o, g in zip(_pre_composite(residual, fn, scale, base, rms_eps, pre_eps),
-                                                   (grad_x, grad_mixes)) if g is not None))
-        got = iter(torch.autograd.grad(outs, leaves, grads, create_graph=True, allow_unused=True))
-        return (*(next(got) if w else None for w in want), None, None)
+        def composite(*args):
+            return _pre_composite(*args, rms_eps, pre_eps)
+        return (*_double_backward(composite, (residual, fn, scale, base), want, (grad_x, grad_mixes)), None, None)
     if grad_x is None:
         grad_x = residual.new_zeros(residual.shape[:-2] + residual.shape[-1:])
     grad_r, grad_fn, grad_mix = torch.ops.simplex_param._hc_pre_backward.default(
@@ -254,6 +268,37 @@ def _backward(ctx, grad_x, grad_mixes, _grad_proj, _grad_rstd):
     grad_scale = torch.stack([by_mix[:n].sum(), by_mix[n:2 * n].sum(), by_mix[2 * n:].sum()]).to(scale.dtype)
     grad_base = grad_mix.reshape(-1, M).sum(0).to(base.dtype)
     return grad_r, grad_fn, grad_scale, grad_base, None, None
+
+
+def _double_backward(composite, inputs, needs, outs_grads):
+    """The gradients of `composite(*inputs)` with a graph (create_graph=True,
+    for double backward): the composite rebuilt from the saved inputs."""
+    leaves = [t for t, w in zip(inputs, needs) if w]
+    outs = composite(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    outs, grads = zip(*((o, g) for o, g in zip(outs, outs_grads) if g is not None))
+    got = iter(torch.autograd.grad(outs, leaves, grads, create_graph=True, allow_unused=True))
+    return tuple(next(got) if w else None for w in needs)
+
+
+def _setup_post(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_post(ctx, grad):
+    layer_output, residual, post, h = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _double_backward(_post_composite, (layer_output, residual, post, h), ctx.needs_input_grad, (grad,))
+    return torch.ops.simplex_param._hc_post_backward.default(grad, layer_output, residual, post, h)
+
+
+def _fake_hc_post(layer_output, residual, post, h):
+    return residual.new_empty(residual.shape)
+
+
+def _fake_hc_post_backward(grad, layer_output, residual, post, h):
+    return (layer_output.new_empty(layer_output.shape), residual.new_empty(residual.shape),
+            post.new_empty(post.shape), h.new_empty(h.shape))
 
 
 def _fake_hc_pre(residual, fn, scale, base, rms_eps, pre_eps):
@@ -274,3 +319,6 @@ if _HAS_KERNEL:
     torch.library.register_fake("simplex_param::hc_pre")(_fake_hc_pre)
     torch.library.register_fake("simplex_param::_hc_pre_backward")(_fake_hc_pre_backward)
     torch.library.register_autograd("simplex_param::hc_pre", _backward, setup_context=_setup_context)
+    torch.library.register_fake("simplex_param::hc_post")(_fake_hc_post)
+    torch.library.register_fake("simplex_param::_hc_post_backward")(_fake_hc_post_backward)
+    torch.library.register_autograd("simplex_param::hc_post", _backward_post, setup_context=_setup_post)

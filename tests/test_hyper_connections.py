@@ -37,11 +37,12 @@ def pre_oracle(residual, fn, scale, base, n, rms_eps=1e-6, pre_eps=1e-6, sinkhor
 
 def post_oracle(layer_output, residual, post, h):
     n = residual.shape[-2]
+    acc = torch.promote_types(residual.dtype, torch.float32)  # float32, float64 for float64
     outs = []
     for i in range(n):
-        o = post[..., i, None] * layer_output.float()
+        o = post[..., i, None] * layer_output.to(acc)
         for j in range(n):
-            o = o + h[..., j, i, None] * residual[..., j, :].float()
+            o = o + h[..., j, i, None] * residual[..., j, :].to(acc)
         outs.append(o)
     return torch.stack(outs, -2).to(residual.dtype)
 
@@ -273,3 +274,88 @@ def test_fused_op_errors_name_the_argument(args, exc, match):
     call.update(args)
     with pytest.raises(exc, match=match):
         torch.ops.simplex_param.hc_pre(*call.values())
+
+
+@needs_kernel
+def test_post_runs_the_fused_op_on_cpu():
+    hc, residual = make()
+    x, ctx = hc.pre(residual)
+    out = hc.post(x.requires_grad_(), residual, ctx)
+    assert "hc_post" in out.grad_fn.name()
+
+
+def post_case(n, C, tokens, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (torch.randn(tokens, C, generator=gen).to(dtype).requires_grad_(),
+            torch.randn(tokens, n, C, generator=gen).to(dtype).requires_grad_(),
+            torch.rand(tokens, n, generator=gen).to(acc).requires_grad_(),
+            torch.rand(tokens, n, n, generator=gen).to(acc).requires_grad_())
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, C, tokens", [(1, 5, 3), (2, 16, 33), (4, 37, 21), (9, 300, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fused_post_matches_the_formula(n, C, tokens, dtype):
+    """out_i = post_i F + sum_j H[j, i] r_j and its gradients (more than 8
+    dot products per output gradient with n = 9; column tails), against the
+    loop oracle in float64."""
+    args = post_case(n, C, tokens, dtype)
+    out = torch.ops.simplex_param.hc_post(*args)
+    assert out.dtype == dtype and out.shape == args[1].shape
+    leaves = [a.detach().double().requires_grad_() for a in args]
+    want = post_oracle(*leaves)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out.double(), want.to(dtype).double(), atol=tol * 4, rtol=tol * 4)
+    g = torch.randn(out.shape).to(dtype)
+    got = torch.autograd.grad(out, args, g)
+    wants = torch.autograd.grad(want, leaves, g.double())
+    for a, b, name in zip(got, wants, ["layer_output", "residual", "post", "h"]):
+        assert a.dtype == args[["layer_output", "residual", "post", "h"].index(name)].dtype
+        torch.testing.assert_close(a.double(), b, atol=tol * 10 * max(1.0, float(b.abs().max())), rtol=tol * 10,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@needs_kernel
+def test_fused_post_gradcheck_gradgradcheck_and_opcheck():
+    args = post_case(3, 5, 4, torch.float64)
+    assert torch.autograd.gradcheck(torch.ops.simplex_param.hc_post, args)
+    assert torch.autograd.gradgradcheck(torch.ops.simplex_param.hc_post, args)
+    torch.library.opcheck(torch.ops.simplex_param.hc_post.default, post_case(4, 8, 3, torch.float32))
+
+
+@needs_kernel
+def test_fused_post_same_bits_on_any_thread_count_and_as_mix():
+    """Each output sums post_i F first, then H[j, i] r_j in order, as
+    sp.mix does: the same bits as mix, forward, on 1 and 2 threads."""
+    args = post_case(4, 300, 70, torch.float32)
+    g = torch.randn(args[1].shape)
+    prev = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = torch.ops.simplex_param.hc_post(*args)
+            runs.append((out, *torch.autograd.grad(out, args, g)))
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    f, r, post, h = (a.detach() for a in args)
+    assert torch.equal(runs[0][0], sp.mix(torch.cat([post.unsqueeze(-1), h.mT], -1), [f, *r.unbind(-2)]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(layer_output=torch.zeros(2, 7)), ValueError, r"hc_post: layer_output must have shape \[2, 8\]"),
+    (dict(layer_output=torch.zeros(2, 8, dtype=torch.float64)), TypeError, "hc_post: layer_output has dtype Double"),
+    (dict(post=torch.zeros(2, 3)), ValueError, r"hc_post: post must have shape \[2, 4\]"),
+    (dict(h=torch.zeros(2, 4, 3)), ValueError, r"hc_post: h must have shape \[2, 4, 4\]"),
+    (dict(residual=torch.zeros(8)), ValueError, r"hc_post: residual must have shape \(\*, n, C\)"),
+])
+def test_fused_post_errors_name_the_argument(change, exc, match):
+    call = dict(layer_output=torch.zeros(2, 8), residual=torch.zeros(2, 4, 8), post=torch.zeros(2, 4),
+                h=torch.zeros(2, 4, 4))
+    call.update(change)
+    with pytest.raises(exc, match=match):
+        torch.ops.simplex_param.hc_post(*call.values())

@@ -77,8 +77,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         grads = torch.autograd.grad(out, [w, *xs], torch.randn(out.shape, generator=gen).to(dtype))
         for t in (out, *grads):
             digest.update(bits(t).numpy().tobytes())
-# HyperConnections.pre's fused op: projections with a column tail (n C not
-# a multiple of 16) and token blocks cut short, forward and backward.
+# HyperConnections' fused ops: projections with a column tail (n C not a
+# multiple of 16) and token blocks cut short, forward and backward.
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for n, C, tokens in [(4, 37, 21), (3, 256, 17)]:
         hc = sp.HyperConnections(n, C)
@@ -91,6 +91,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         grads = torch.autograd.grad([x, mixes], [residual, *hc.parameters()],
                                     [torch.randn(x.shape, generator=gen).to(dtype), torch.randn(mixes.shape, generator=gen).to(mixes.dtype)])
         for t in (x, mixes, *grads):
+            digest.update(bits(t).numpy().tobytes())
+        f = torch.randn(tokens, C, generator=gen).to(dtype).requires_grad_()
+        post = torch.rand(tokens, n, generator=gen).to(mixes.dtype).requires_grad_()
+        h = torch.rand(tokens, n, n, generator=gen).to(mixes.dtype).requires_grad_()
+        out = torch.ops.simplex_param.hc_post(f, residual, post, h)
+        for t in (out, *torch.autograd.grad(out, [f, residual, post, h], torch.randn(out.shape, generator=gen).to(dtype))):
             digest.update(bits(t).numpy().tobytes())
 print(_ext.MODULE.cpu_capability(), digest.hexdigest())
 """

@@ -1,8 +1,9 @@
-// The CPU kernels of mHC's fused pre-mix (../hyper_connections.h): the
-// kernels of hc_kernels.h built for three instruction sets in this file, the
+// The CPU kernels of mHC's fused pre-mix and post-mix
+// (../hyper_connections.h): the kernels of hc_kernels.h built for three
+// instruction sets in this file, the
 // one to run chosen as the contraction's is (capability.h); the argument
 // checks, conversion and allocation around them; the CPU registrations.
-// Other devices run HyperConnections.pre's composite (hyper_connections.py).
+// Other devices run HyperConnections' composite (hyper_connections.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -57,15 +58,18 @@ namespace {
 
 struct HcKernels {
   HcKernel forward, backward;
+  HcPostKernel post_forward, post_backward;
 };
 
 HcKernels choose() {
 #if SP_HC_X86
   const std::string isa = active_capability();
-  if (isa == "avx512" || isa == "avx512_bf16") return {avx512::forward, avx512::backward};
-  if (isa == "avx2") return {avx2::forward, avx2::backward};
+  if (isa == "avx512" || isa == "avx512_bf16") {
+    return {avx512::forward, avx512::backward, avx512::post_forward, avx512::post_backward};
+  }
+  if (isa == "avx2") return {avx2::forward, avx2::backward, avx2::post_forward, avx2::post_backward};
 #endif
-  return {baseline::forward, baseline::backward};
+  return {baseline::forward, baseline::backward, baseline::post_forward, baseline::post_backward};
 }
 
 const HcKernels& kernels() {
@@ -198,11 +202,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_pre_backward_cpu(
   return {grad_residual, grad_fn.to(fn.scalar_type()), grad_mix};
 }
 
+// hc_post's checks: residual (*, n, C), layer_output (*, C) of its dtype,
+// post (*, n), h (*, n, n); returns the parameters without pointers.
+HcPost check_post(const char* op, const at::Tensor& layer_output, const at::Tensor& residual, const at::Tensor& post,
+                  const at::Tensor& h) {
+  check_floating(op, "residual", residual, residual);
+  TORCH_CHECK_VALUE(residual.dim() >= 2 && residual.size(-2) >= 1, op,
+                    ": residual must have shape (*, n, C) with n >= 1, got ", residual.sizes());
+  HcPost p;
+  p.n = residual.size(-2);
+  p.C = residual.size(-1);
+  p.dtype = residual.scalar_type();
+  p.tokens = residual.numel() == 0 ? 0 : residual.numel() / (p.n * p.C);
+  const at::IntArrayRef lead = residual.sizes().slice(0, residual.dim() - 2);
+  check_floating(op, "layer_output", layer_output, residual);
+  TORCH_CHECK_TYPE(layer_output.scalar_type() == p.dtype, op, ": layer_output has dtype ",
+                   layer_output.scalar_type(), " but residual has dtype ", p.dtype);
+  check_shape(op, "layer_output", layer_output, with_last(lead, p.C));
+  check_floating(op, "post", post, residual);
+  check_shape(op, "post", post, with_last(lead, p.n));
+  check_floating(op, "h", h, residual);
+  std::vector<int64_t> hs = with_last(lead, p.n);
+  hs.push_back(p.n);
+  check_shape(op, "h", h, hs);
+  return p;
+}
+
+at::Tensor hc_post_cpu(const at::Tensor& layer_output, const at::Tensor& residual, const at::Tensor& post,
+                       const at::Tensor& h) {
+  HcPost p = check_post("hc_post", layer_output, residual, post, h);
+  const at::ScalarType acc = acc_type(p.dtype);
+  const at::Tensor f = layer_output.contiguous(), r = residual.contiguous();
+  const at::Tensor pw = post.to(acc).contiguous(), hw = h.to(acc).contiguous();
+  at::Tensor out = at::empty(residual.sizes(), residual.options());
+  p.layer_output = f.const_data_ptr();
+  p.residual = r.const_data_ptr();
+  p.post = pw.const_data_ptr();
+  p.h = hw.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  if (p.tokens > 0) kernels().post_forward(p);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_post_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& layer_output, const at::Tensor& residual, const at::Tensor& post,
+    const at::Tensor& h) {
+  const char* op = "_hc_post_backward";
+  HcPost p = check_post(op, layer_output, residual, post, h);
+  check_floating(op, "grad", grad, residual);
+  check_shape(op, "grad", grad, residual.sizes());
+  const at::ScalarType acc = acc_type(p.dtype);
+  const at::Tensor g = grad.to(p.dtype).contiguous();
+  const at::Tensor f = layer_output.contiguous(), r = residual.contiguous();
+  const at::Tensor pw = post.to(acc).contiguous(), hw = h.to(acc).contiguous();
+  at::Tensor grad_f = at::empty(layer_output.sizes(), layer_output.options());
+  at::Tensor grad_r = at::empty(residual.sizes(), residual.options());
+  at::Tensor grad_post = at::empty(post.sizes(), post.options().dtype(acc));
+  at::Tensor grad_h = at::empty(h.sizes(), h.options().dtype(acc));
+  p.layer_output = f.const_data_ptr();
+  p.residual = r.const_data_ptr();
+  p.post = pw.const_data_ptr();
+  p.h = hw.const_data_ptr();
+  p.grad = g.const_data_ptr();
+  p.grad_layer_output = grad_f.mutable_data_ptr();
+  p.grad_residual = grad_r.mutable_data_ptr();
+  p.grad_post = grad_post.mutable_data_ptr();
+  p.grad_h = grad_h.mutable_data_ptr();
+  if (p.tokens > 0) kernels().post_backward(p);
+  return {grad_f, grad_r, grad_post.to(post.scalar_type()), grad_h.to(h.scalar_type())};
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(simplex_param, CPU, m) {
   m.impl("hc_pre", &hc_pre_cpu);
   m.impl("_hc_pre_backward", &hc_pre_backward_cpu);
+  m.impl("hc_post", &hc_post_cpu);
+  m.impl("_hc_post_backward", &hc_post_backward_cpu);
 }
 
 } // namespace cpu

@@ -81,28 +81,57 @@ struct Lanes {
   typedef A type __attribute__((vector_size(64)));
 };
 
-// out[b] = <f[b], v> for b < B, each as kLanes partial sums added pairwise
-// (the same bits for any B): v is read once for the B rows.
-template <int B, typename A>
-SP_HC_INLINE void dots(const A* const* f, const A* v, int64_t len, A* out) {
+// Element i of p in the compute dtype A (bfloat16 on the bits, which
+// vectorises), and kLanes of them from p as one vector.
+template <typename A, typename T>
+SP_HC_INLINE A ld(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t bits = static_cast<uint32_t>(p[i].x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  } else {
+    return static_cast<A>(p[i]);
+  }
+}
+
+template <typename A, typename T>
+SP_HC_INLINE typename Lanes<A>::type ld_lanes(const T* p) {
+  using V = typename Lanes<A>::type;
+  V v;
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(&v, p, sizeof(V));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    typedef uint16_t U16 __attribute__((vector_size(32)));
+    typedef uint32_t U32 __attribute__((vector_size(64)));
+    U16 u;
+    std::memcpy(&u, p, sizeof(U16));
+    const U32 w = __builtin_convertvector(u, U32) << 16;
+    std::memcpy(&v, &w, sizeof(V));
+  } else {
+    for (int l = 0; l < kLanes<A>; ++l) v[l] = static_cast<A>(p[l]);
+  }
+  return v;
+}
+
+// out[b] = <f[b], v> for b < B in the compute dtype A, each as kLanes
+// partial sums added pairwise (the same bits for any B, and whether the
+// operands come converted or not): v is read once for the B rows.
+template <int B, typename A, typename F, typename X>
+SP_HC_INLINE void dots(const F* const* f, const X* v, int64_t len, A* out) {
   using V = typename Lanes<A>::type;
   constexpr int L = kLanes<A>;
   V s[B];
   for (int b = 0; b < B; ++b) s[b] = V{};
   int64_t i = 0;
   for (; i + L <= len; i += L) {
-    V x;
-    std::memcpy(&x, v + i, sizeof(V));
-    for (int b = 0; b < B; ++b) {
-      V y;
-      std::memcpy(&y, f[b] + i, sizeof(V));
-      s[b] += y * x;
-    }
+    const V x = ld_lanes<A>(v + i);
+    for (int b = 0; b < B; ++b) s[b] += ld_lanes<A>(f[b] + i) * x;
   }
   for (int b = 0; b < B; ++b) {
     alignas(64) A lanes[L];
     std::memcpy(lanes, &s[b], sizeof(V));
-    for (int l = 0; i + l < len; ++l) lanes[l] += f[b][i + l] * v[i + l];
+    for (int l = 0; i + l < len; ++l) lanes[l] += ld<A>(f[b], i + l) * ld<A>(v, i + l);
     out[b] = lane_sum(lanes);
   }
 }
@@ -171,18 +200,18 @@ void block_dots(const A* fn, int64_t M, int64_t D, const A* const* r, int64_t co
 // once per token, the block's tokens stay in L2 (16 x n C values).
 constexpr int64_t kTokens = 16;
 
-// out[m] = <rows + m * stride, v> for m < count: 8 rows at a time, then one.
-template <typename A>
-SP_HC_INLINE void row_dots(const A* rows, int64_t stride, int64_t count, const A* v, int64_t len, A* out) {
-  int64_t m = 0;
-  for (; m + 8 <= count; m += 8) {
-    const A* f[8];
-    for (int b = 0; b < 8; ++b) f[b] = rows + (m + b) * stride;
-    dots<8>(f, v, len, out + m);
-  }
-  for (; m < count; ++m) {
-    const A* f[1] = {rows + m * stride};
-    dots<1>(f, v, len, out + m);
+// out[k] = <rows[k], v> for k < count: 8 rows at a time, then the rest in
+// one pass (v read once per pass).
+template <typename A, typename F, typename X>
+SP_HC_INLINE void ptr_dots(const F* const* rows, int64_t count, const X* v, int64_t len, A* out) {
+  int64_t k = 0;
+  for (; k + 8 <= count; k += 8) dots<8>(rows + k, v, len, out + k);
+  switch (count - k) {
+#define SP_HC_REST(b) \
+  case b: return dots<b>(rows + k, v, len, out + k);
+    SP_HC_REST(1) SP_HC_REST(2) SP_HC_REST(3) SP_HC_REST(4) SP_HC_REST(5) SP_HC_REST(6) SP_HC_REST(7)
+#undef SP_HC_REST
+    default: return;
   }
 }
 
@@ -229,7 +258,7 @@ void forward_tokens(const HcPre& p) {
       for (int64_t q = 0; q < count; ++q) {
         const int64_t t = t0 + q;
         A ss;
-        row_dots(r[q], 0, 1, r[q], D, &ss);
+        dots<1>(&r[q], r[q], D, &ss);
         const A rs = A(1) / std::sqrt(ss / static_cast<A>(D) + static_cast<A>(p.rms_eps));
         for (int64_t m = 0; m < M; ++m) {
           const A pm = d[q * M + m] * rs;
@@ -271,10 +300,12 @@ void backward_tokens(const HcPre& p) {
     A* gconv = row + D;    // grad_x's row, when converted
     A* gp = gconv + C;     // <grad_x, r_j>
     A* pre = gp + n;
+    std::vector<const A*> streams(n);
     for (int64_t t = begin; t < end; ++t) {
       const A* r = as_acc(residual + t * D, conv, D);
       const A* g = as_acc(grad_x + t * C, gconv, C);
-      row_dots(r, C, n, g, C, gp);
+      for (int64_t j = 0; j < n; ++j) streams[j] = r + j * C;
+      ptr_dots(streams.data(), n, g, C, gp);
       const A rs = rstd[t];
       A pp = 0;  // sum_m grad_proj[m] proj[m]
       for (int64_t m = 0; m < M; ++m) {
@@ -355,6 +386,91 @@ template <typename T, typename A>
 void backward_all(const HcPre& p) {
   backward_tokens<T, A>(p);
   backward_fn<T, A>(p);
+}
+
+// The post-mix, per token (in parallel over tokens): the operands read in
+// their dtype and converted in registers, each output summed in an L1
+// buffer.
+template <typename T, typename A>
+void post_forward_tokens(const HcPost& p) {
+  const int64_t n = p.n, C = p.C;
+  const T* layer_output = static_cast<const T*>(p.layer_output);
+  const T* residual = static_cast<const T*>(p.residual);
+  const A* post = static_cast<const A*>(p.post);
+  const A* h = static_cast<const A*>(p.h);
+  T* out = static_cast<T*>(p.out);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, n * n * C));
+  at::parallel_for(0, p.tokens, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(C);
+    for (int64_t t = begin; t < end; ++t) {
+      const T* f = layer_output + t * C;
+      const T* r = residual + t * n * C;
+      const A* ht = h + t * n * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const A w = post[t * n + i];
+        for (int64_t c = 0; c < C; ++c) acc[c] = w * ld<A>(f, c);
+        for (int64_t j = 0; j < n; ++j) {
+          const A hji = ht[j * n + i];
+          const T* rj = r + j * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += hji * ld<A>(rj, c);
+        }
+        store(acc.data(), out + (t * n + i) * C, C);
+      }
+    }
+  });
+}
+
+template <typename T, typename A>
+void post_backward_tokens(const HcPost& p) {
+  const int64_t n = p.n, C = p.C;
+  const T* layer_output = static_cast<const T*>(p.layer_output);
+  const T* residual = static_cast<const T*>(p.residual);
+  const T* grad = static_cast<const T*>(p.grad);
+  const A* post = static_cast<const A*>(p.post);
+  const A* h = static_cast<const A*>(p.h);
+  T* grad_f = static_cast<T*>(p.grad_layer_output);
+  T* grad_r = static_cast<T*>(p.grad_residual);
+  A* grad_post = static_cast<A*>(p.grad_post);
+  A* grad_h = static_cast<A*>(p.grad_h);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, n * n * C));
+  at::parallel_for(0, p.tokens, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(C), d(n + 1);
+    std::vector<const T*> rows(n + 1);
+    for (int64_t t = begin; t < end; ++t) {
+      const T* g = grad + t * n * C;
+      const A* pt = post + t * n;
+      const A* ht = h + t * n * n;
+      rows[0] = layer_output + t * C;
+      for (int64_t j = 0; j < n; ++j) rows[j + 1] = residual + (t * n + j) * C;
+      for (int64_t i = 0; i < n; ++i) {
+        ptr_dots(rows.data(), n + 1, g + i * C, C, d.data());
+        grad_post[t * n + i] = d[0];
+        for (int64_t j = 0; j < n; ++j) grad_h[t * n * n + j * n + i] = d[j + 1];
+      }
+      // grad_f = sum_i post_i g_i, then grad_r_j = sum_i H[j, i] g_i.
+      for (int64_t j = -1; j < n; ++j) {
+        const A* w = j < 0 ? pt : ht + j * n;
+        for (int64_t c = 0; c < C; ++c) acc[c] = w[0] * ld<A>(g, c);
+        for (int64_t i = 1; i < n; ++i) {
+          const T* gi = g + i * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += w[i] * ld<A>(gi, c);
+        }
+        store(acc.data(), j < 0 ? grad_f + t * C : grad_r + (t * n + j) * C, C);
+      }
+    }
+  });
+}
+
+inline void post_forward(const HcPost& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "hc_post_cpu", [&] {
+    post_forward_tokens<scalar_t, at::opmath_type<scalar_t>>(p);
+  });
+}
+
+inline void post_backward(const HcPost& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "hc_post_backward_cpu", [&] {
+    post_backward_tokens<scalar_t, at::opmath_type<scalar_t>>(p);
+  });
 }
 
 inline void forward(const HcPre& p) {
