@@ -19,13 +19,19 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include "../dtypes.h"
 #include "../hyper_connections.h"
 #include "capability.h"
 
 #define SP_HC_ISA baseline
 #define SP_HC_ROWS 2
+#define SP_HC_FMA 0
 #include "hc_kernels.h"
+#undef SP_HC_FMA
 #undef SP_HC_ROWS
 #undef SP_HC_ISA
 
@@ -33,10 +39,12 @@
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
 #define SP_HC_X86 1
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma")
 #define SP_HC_ISA avx2
 #define SP_HC_ROWS 4
+#define SP_HC_FMA 256
 #include "hc_kernels.h"
+#undef SP_HC_FMA
 #undef SP_HC_ROWS
 #undef SP_HC_ISA
 #pragma GCC pop_options
@@ -44,7 +52,9 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 #define SP_HC_ISA avx512
 #define SP_HC_ROWS 8
+#define SP_HC_FMA 512
 #include "hc_kernels.h"
+#undef SP_HC_FMA
 #undef SP_HC_ROWS
 #undef SP_HC_ISA
 #pragma GCC pop_options
@@ -67,7 +77,10 @@ HcKernels choose() {
   if (isa == "avx512" || isa == "avx512_bf16") {
     return {avx512::forward, avx512::backward, avx512::post_forward, avx512::post_backward};
   }
-  if (isa == "avx2") return {avx2::forward, avx2::backward, avx2::post_forward, avx2::post_backward};
+  // avx2 with FMA (every AVX2 CPU from Intel and AMD has it).
+  if (isa == "avx2" && __builtin_cpu_supports("fma")) {
+    return {avx2::forward, avx2::backward, avx2::post_forward, avx2::post_backward};
+  }
 #endif
   return {baseline::forward, baseline::backward, baseline::post_forward, baseline::post_backward};
 }

@@ -15,9 +15,10 @@
 // over blocks of columns (each block's M rows of sums stay in L1), the
 // tokens in order: no reduction across threads.
 //
-// Bitwise the same on every instruction set and thread count: no a * b + c
-// contraction (-ffp-contract=off), a dot product is kLanes partial sums added
-// pairwise, every other sum is taken in a fixed order.
+// Bitwise the same on every instruction set and thread count: a dot product
+// is kLanes partial sums of fused multiply-adds (madd), added pairwise; no
+// other a * b + c is contracted (-ffp-contract=off); every other sum is taken
+// in a fixed order.
 #if defined(__GNUC__)
 #define SP_HC_INLINE inline __attribute__((always_inline))
 #else
@@ -114,6 +115,44 @@ SP_HC_INLINE typename Lanes<A>::type ld_lanes(const T* p) {
   return v;
 }
 
+// acc + y * x rounded once (a fused multiply-add), lane by lane: with the
+// FMA instructions where the set has them (SP_HC_FMA 512 or 256), else
+// std::fma. The same bits on every set, and one instruction where there is
+// one (a multiply and an add, unfused, would be two).
+template <typename V>
+SP_HC_INLINE V madd(V acc, V y, V x) {
+  using A = std::remove_reference_t<decltype(acc[0])>;
+#if SP_HC_FMA == 512
+  if constexpr (std::is_same_v<A, float>) {
+    return reinterpret_cast<V>(_mm512_fmadd_ps(reinterpret_cast<__m512>(y), reinterpret_cast<__m512>(x),
+                                               reinterpret_cast<__m512>(acc)));
+  } else {
+    return reinterpret_cast<V>(_mm512_fmadd_pd(reinterpret_cast<__m512d>(y), reinterpret_cast<__m512d>(x),
+                                               reinterpret_cast<__m512d>(acc)));
+  }
+#elif SP_HC_FMA == 256
+  using H = std::conditional_t<std::is_same_v<A, float>, __m256, __m256d>;
+  H a[2], b[2], c[2];
+  std::memcpy(a, &acc, sizeof(V));
+  std::memcpy(b, &y, sizeof(V));
+  std::memcpy(c, &x, sizeof(V));
+  for (int k = 0; k < 2; ++k) {
+    if constexpr (std::is_same_v<A, float>) {
+      a[k] = _mm256_fmadd_ps(b[k], c[k], a[k]);
+    } else {
+      a[k] = _mm256_fmadd_pd(b[k], c[k], a[k]);
+    }
+  }
+  V r;
+  std::memcpy(&r, a, sizeof(V));
+  return r;
+#else
+  V r;
+  for (int l = 0; l < kLanes<A>; ++l) r[l] = std::fma(y[l], x[l], acc[l]);
+  return r;
+#endif
+}
+
 // out[b] = <f[b], v> for b < B in the compute dtype A, each as kLanes
 // partial sums added pairwise (the same bits for any B, and whether the
 // operands come converted or not): v is read once for the B rows.
@@ -126,12 +165,12 @@ SP_HC_INLINE void dots(const F* const* f, const X* v, int64_t len, A* out) {
   int64_t i = 0;
   for (; i + L <= len; i += L) {
     const V x = ld_lanes<A>(v + i);
-    for (int b = 0; b < B; ++b) s[b] += ld_lanes<A>(f[b] + i) * x;
+    for (int b = 0; b < B; ++b) s[b] = madd(s[b], ld_lanes<A>(f[b] + i), x);
   }
   for (int b = 0; b < B; ++b) {
     alignas(64) A lanes[L];
     std::memcpy(lanes, &s[b], sizeof(V));
-    for (int l = 0; i + l < len; ++l) lanes[l] += ld<A>(f[b], i + l) * ld<A>(v, i + l);
+    for (int l = 0; i + l < len; ++l) lanes[l] = std::fma(ld<A>(f[b], i + l), ld<A>(v, i + l), lanes[l]);
     out[b] = lane_sum(lanes);
   }
 }
@@ -158,7 +197,7 @@ SP_HC_INLINE void chunk_dots(const A* f, int64_t stride, const A* v, int64_t len
     for (int b = 0; b < B; ++b) {
       V y;
       std::memcpy(&y, f + b * stride + i, sizeof(V));
-      acc[b] += y * x;
+      acc[b] = madd(acc[b], y, x);
     }
   }
   for (int b = 0; b < B; ++b) s[b] = acc[b];
@@ -190,7 +229,7 @@ void block_dots(const A* fn, int64_t M, int64_t D, const A* const* r, int64_t co
     for (int64_t m = 0; m < M; ++m) {
       alignas(64) A lanes[L];
       std::memcpy(lanes, sums + t * M + m, sizeof(V));
-      for (int l = 0; whole + l < D; ++l) lanes[l] += fn[m * D + whole + l] * r[t][whole + l];
+      for (int l = 0; whole + l < D; ++l) lanes[l] = std::fma(fn[m * D + whole + l], r[t][whole + l], lanes[l]);
       d[t * M + m] = lane_sum(lanes);
     }
   }
@@ -242,18 +281,28 @@ void forward_tokens(const HcPre& p) {
   using V = typename Lanes<A>::type;
   const int64_t blocks = (p.tokens + kTokens - 1) / kTokens;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf((std::is_same_v<T, A> ? 0 : kTokens * D) + C + kTokens * M + n + M * kChunk<A>);
+    std::vector<A> buf(kTokens * D + C + kTokens * M + n + M * kChunk<A>);
     std::vector<A> raw((kTokens * M + 1) * kLanes<A>);  // the lane sums, 64-byte aligned below
     V* sums = reinterpret_cast<V*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t{63});
-    A* conv = buf.data();                                 // the tokens, when converted
-    A* acc = conv + (std::is_same_v<T, A> ? 0 : kTokens * D);  // a layer input
+    A* conv = buf.data();                                 // the block's tokens
+    A* acc = conv + kTokens * D;                          // a layer input
     A* d = acc + C;                                       // fn @ r
     A* pre = d + kTokens * M;
     A* packed = pre + n;                                  // fn's chunk
     const A* r[kTokens];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t t0 = blk * kTokens, count = std::min(kTokens, p.tokens - t0);
-      for (int64_t q = 0; q < count; ++q) r[q] = as_acc(residual + (t0 + q) * D, conv + q * D, D);
+      // The block's tokens copied (converted) in order first: read in
+      // chunks of a row from memory, 16 rows at once, the hardware
+      // prefetchers would not keep up.
+      for (int64_t q = 0; q < count; ++q) {
+        r[q] = conv + q * D;
+        if constexpr (std::is_same_v<T, A>) {
+          std::memcpy(conv + q * D, residual + (t0 + q) * D, D * sizeof(A));
+        } else {
+          as_acc(residual + (t0 + q) * D, conv + q * D, D);
+        }
+      }
       block_dots(fn, M, D, r, count, packed, sums, d);
       for (int64_t q = 0; q < count; ++q) {
         const int64_t t = t0 + q;
