@@ -41,6 +41,7 @@ std::vector<int64_t> walk_strides(at::TensorList tensors, int64_t row_dims) {
 }
 
 std::optional<int64_t> row_skip(const at::Tensor& t, at::IntArrayRef strides, int64_t row_dims, int64_t row_len) {
+  if (t.numel() == 0) return 0;  // nothing is read (and a dimension of size 0 would divide below)
   for (int64_t i = row_dims; i < t.dim(); ++i) {
     if (t.size(i) > 1 && t.stride(i) != strides[i]) return std::nullopt;
   }

@@ -460,6 +460,18 @@ def test_per_sample_zero_size(weight_shape, device):
     assert torch.equal(logits.grad, torch.zeros(weight_shape, device=device))
 
 
+@pytest.mark.parametrize("weight_shape, shape", [((2, 0, 3), (2, 0, 5)), ((0, 2, 3), (0, 2, 4)), ((3, 2, 3), (3, 2, 0))])
+def test_per_sample_empty_rows(weight_shape, shape, device):
+    # Rows of two dimensions, one of them empty: the layout rule must not
+    # divide by the empty dimension's size (it once raised SIGFPE).
+    xs = [torch.randn(shape, device=device)[..., ::1].requires_grad_() for _ in range(3)]
+    logits = torch.randn(weight_shape, device=device, requires_grad=True)
+    out = sp.softmax_weighted_sum(logits, xs)
+    assert out.shape == shape
+    out.sum().backward()
+    assert logits.grad.shape == weight_shape and all(x.grad.shape == shape for x in xs)
+
+
 # ---------------------------------------------------------------------------
 # Bad input. The texts come from one table (simplex_param/errors.def): the
 # public functions, the compiled ops called directly and the fallback's checks
