@@ -28,11 +28,13 @@
 #include "capability.h"
 
 #define SP_HC_ISA baseline
-#define SP_HC_ROWS 2
+#define SP_HC_TILE_TOKENS 1
+#define SP_HC_TILE_ROWS 2
 #define SP_HC_FMA 0
 #include "hc_kernels.h"
 #undef SP_HC_FMA
-#undef SP_HC_ROWS
+#undef SP_HC_TILE_ROWS
+#undef SP_HC_TILE_TOKENS
 #undef SP_HC_ISA
 
 // GCC only: Clang does not honour #pragma GCC target.
@@ -41,21 +43,25 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define SP_HC_ISA avx2
-#define SP_HC_ROWS 4
+#define SP_HC_TILE_TOKENS 2
+#define SP_HC_TILE_ROWS 2
 #define SP_HC_FMA 256
 #include "hc_kernels.h"
 #undef SP_HC_FMA
-#undef SP_HC_ROWS
+#undef SP_HC_TILE_ROWS
+#undef SP_HC_TILE_TOKENS
 #undef SP_HC_ISA
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 #define SP_HC_ISA avx512
-#define SP_HC_ROWS 8
+#define SP_HC_TILE_TOKENS 4
+#define SP_HC_TILE_ROWS 4
 #define SP_HC_FMA 512
 #include "hc_kernels.h"
 #undef SP_HC_FMA
-#undef SP_HC_ROWS
+#undef SP_HC_TILE_ROWS
+#undef SP_HC_TILE_TOKENS
 #undef SP_HC_ISA
 #pragma GCC pop_options
 #else

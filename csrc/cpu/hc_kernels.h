@@ -177,30 +177,48 @@ SP_HC_INLINE void dots(const F* const* f, const X* v, int64_t len, A* out) {
 
 // The projections fn @ r of a block of tokens, as GCC vectors of lane
 // sums: the columns in chunks of kChunk, each chunk of fn (M x 1 KiB) read
-// from L1 for every token of the block, kRows of its rows at a time (as
-// many accumulators as the registers hold: one vector is one AVX-512
-// register, two AVX2 ones, four SSE ones). Each lane sums its columns in
-// increasing order, so the bits are those of dots().
+// from L1 for every token of the block, in tiles of kTileTokens tokens by
+// kTileRows rows: each vector loaded (a token's or a row's) serves a whole
+// row or column of the tile's accumulators, which live in registers (one
+// vector is one AVX-512 register, two AVX2 ones, four SSE ones). Each lane
+// sums its columns in increasing order, so the bits are those of dots().
 template <typename A>
 constexpr int64_t kChunk = 1024 / static_cast<int64_t>(sizeof(A));
-constexpr int kRows = SP_HC_ROWS;
+constexpr int kTileTokens = SP_HC_TILE_TOKENS;
+constexpr int kTileRows = SP_HC_TILE_ROWS;
 
-template <int B, typename A>
-SP_HC_INLINE void chunk_dots(const A* f, int64_t stride, const A* v, int64_t len, typename Lanes<A>::type* s) {
+// s[q * M + b] += lanes of f[b] * v[q] over len (a multiple of kLanes), for
+// q < Q tokens and b < B rows (f's rows `stride` apart).
+template <int Q, int B, typename A>
+SP_HC_INLINE void chunk_dots(const A* f, int64_t stride, const A* const* v, int64_t c0, int64_t len,
+                             typename Lanes<A>::type* s, int64_t M) {
   using V = typename Lanes<A>::type;
   constexpr int L = kLanes<A>;
-  V acc[B];
-  for (int b = 0; b < B; ++b) acc[b] = s[b];
+  V acc[Q][B];
+  for (int q = 0; q < Q; ++q) {
+    for (int b = 0; b < B; ++b) acc[q][b] = s[q * M + b];
+  }
   for (int64_t i = 0; i < len; i += L) {
-    V x;
-    std::memcpy(&x, v + i, sizeof(V));
+    V x[Q];
+    for (int q = 0; q < Q; ++q) std::memcpy(&x[q], v[q] + c0 + i, sizeof(V));
     for (int b = 0; b < B; ++b) {
       V y;
       std::memcpy(&y, f + b * stride + i, sizeof(V));
-      acc[b] = madd(acc[b], y, x);
+      for (int q = 0; q < Q; ++q) acc[q][b] = madd(acc[q][b], y, x[q]);
     }
   }
-  for (int b = 0; b < B; ++b) s[b] = acc[b];
+  for (int q = 0; q < Q; ++q) {
+    for (int b = 0; b < B; ++b) s[q * M + b] = acc[q][b];
+  }
+}
+
+// The rows of one chunk for Q tokens: tiles of kTileRows rows, then one.
+template <int Q, typename A>
+SP_HC_INLINE void chunk_rows(const A* packed, int64_t w, int64_t M, const A* const* r, int64_t c0,
+                             typename Lanes<A>::type* s) {
+  int64_t m = 0;
+  for (; m + kTileRows <= M; m += kTileRows) chunk_dots<Q, kTileRows>(packed + m * w, w, r, c0, w, s + m, M);
+  for (; m < M; ++m) chunk_dots<Q, 1>(packed + m * w, w, r, c0, w, s + m, M);
 }
 
 // d[t * M + m] = <fn[m], r[t]> for the `count` tokens r[0..count):
@@ -209,21 +227,25 @@ SP_HC_INLINE void chunk_dots(const A* f, int64_t stride, const A* v, int64_t len
 // copied into `packed` (M x kChunk): fn's rows, n C values apart (often a
 // multiple of 4 KiB), would all fall in the same L1 sets. sums: count * M
 // vectors of scratch.
+// While it runs, the `ahead` bytes from `next` (the next block) are
+// prefetched into L2, a slice per chunk, so that they arrive while this
+// block computes.
 template <typename A>
 void block_dots(const A* fn, int64_t M, int64_t D, const A* const* r, int64_t count, A* packed,
-                typename Lanes<A>::type* sums, A* d) {
+                typename Lanes<A>::type* sums, A* d, const char* next, int64_t ahead) {
   using V = typename Lanes<A>::type;
   constexpr int L = kLanes<A>;
   const int64_t whole = D - D % L;
+  const int64_t chunks = std::max<int64_t>(1, (whole + kChunk<A> - 1) / kChunk<A>);
+  const int64_t slice = (ahead + chunks - 1) / chunks;
   for (int64_t e = 0; e < count * M; ++e) sums[e] = V{};
-  for (int64_t c0 = 0; c0 < whole; c0 += kChunk<A>) {
+  for (int64_t c0 = 0, k = 0; c0 < whole; c0 += kChunk<A>, ++k) {
     const int64_t w = std::min(kChunk<A>, whole - c0);
+    for (int64_t b = k * slice; b < std::min(ahead, (k + 1) * slice); b += 64) __builtin_prefetch(next + b, 0, 2);
     for (int64_t m = 0; m < M; ++m) std::memcpy(packed + m * w, fn + m * D + c0, w * sizeof(A));
-    for (int64_t t = 0; t < count; ++t) {
-      int64_t m = 0;
-      for (; m + kRows <= M; m += kRows) chunk_dots<kRows>(packed + m * w, w, r[t] + c0, w, sums + t * M + m);
-      for (; m < M; ++m) chunk_dots<1>(packed + m * w, w, r[t] + c0, w, sums + t * M + m);
-    }
+    int64_t t = 0;
+    for (; t + kTileTokens <= count; t += kTileTokens) chunk_rows<kTileTokens>(packed, w, M, r + t, c0, sums + t * M);
+    for (; t < count; ++t) chunk_rows<1>(packed, w, M, r + t, c0, sums + t * M);
   }
   for (int64_t t = 0; t < count; ++t) {
     for (int64_t m = 0; m < M; ++m) {
@@ -233,6 +255,33 @@ void block_dots(const A* fn, int64_t M, int64_t D, const A* const* r, int64_t co
       d[t * M + m] = lane_sum(lanes);
     }
   }
+}
+
+// ss[q] = <r[q], r[q]> for q < count, with dots()' bits: four tokens at a
+// time, so that four chains of multiply-adds run side by side.
+template <typename A>
+SP_HC_INLINE void sums_of_squares(const A* const* r, int64_t count, int64_t D, A* ss) {
+  int64_t q = 0;
+  for (; q + 4 <= count; q += 4) {
+    using V = typename Lanes<A>::type;
+    constexpr int L = kLanes<A>;
+    V s[4] = {};
+    int64_t i = 0;
+    for (; i + L <= D; i += L) {
+      for (int k = 0; k < 4; ++k) {
+        V x;
+        std::memcpy(&x, r[q + k] + i, sizeof(V));
+        s[k] = madd(s[k], x, x);
+      }
+    }
+    for (int k = 0; k < 4; ++k) {
+      alignas(64) A lanes[L];
+      std::memcpy(lanes, &s[k], sizeof(V));
+      for (int l = 0; i + l < D; ++l) lanes[l] = std::fma(r[q + k][i + l], r[q + k][i + l], lanes[l]);
+      ss[q + k] = lane_sum(lanes);
+    }
+  }
+  for (; q < count; ++q) dots<1>(&r[q], r[q], D, &ss[q]);
 }
 
 // Tokens per block of the kernels: the block's fn chunk is read from L1
@@ -281,33 +330,29 @@ void forward_tokens(const HcPre& p) {
   using V = typename Lanes<A>::type;
   const int64_t blocks = (p.tokens + kTokens - 1) / kTokens;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(kTokens * D + C + kTokens * M + n + M * kChunk<A>);
+    std::vector<A> buf((std::is_same_v<T, A> ? 0 : kTokens * D) + C + kTokens * M + n + M * kChunk<A> + kTokens);
     std::vector<A> raw((kTokens * M + 1) * kLanes<A>);  // the lane sums, 64-byte aligned below
     V* sums = reinterpret_cast<V*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t{63});
-    A* conv = buf.data();                                 // the block's tokens
-    A* acc = conv + kTokens * D;                          // a layer input
+    A* conv = buf.data();                                 // the block's tokens, when converted
+    A* acc = conv + (std::is_same_v<T, A> ? 0 : kTokens * D);  // a layer input
     A* d = acc + C;                                       // fn @ r
     A* pre = d + kTokens * M;
     A* packed = pre + n;                                  // fn's chunk
+    A* sq = packed + M * kChunk<A>;                       // the tokens' sums of squares
     const A* r[kTokens];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t t0 = blk * kTokens, count = std::min(kTokens, p.tokens - t0);
-      // The block's tokens copied (converted) in order first: read in
-      // chunks of a row from memory, 16 rows at once, the hardware
-      // prefetchers would not keep up.
-      for (int64_t q = 0; q < count; ++q) {
-        r[q] = conv + q * D;
-        if constexpr (std::is_same_v<T, A>) {
-          std::memcpy(conv + q * D, residual + (t0 + q) * D, D * sizeof(A));
-        } else {
-          as_acc(residual + (t0 + q) * D, conv + q * D, D);
-        }
-      }
-      block_dots(fn, M, D, r, count, packed, sums, d);
+      // The tokens in the compute dtype (converted into conv if need be),
+      // the next block prefetched meanwhile: read in chunks of a row, 16 rows
+      // at once, from memory, the hardware prefetchers would not keep up.
+      for (int64_t q = 0; q < count; ++q) r[q] = as_acc(residual + (t0 + q) * D, conv + q * D, D);
+      const int64_t ahead = blk + 1 < end ? std::min(kTokens, p.tokens - t0 - count) * D * int64_t{sizeof(T)} : 0;
+      block_dots(fn, M, D, r, count, packed, sums, d, reinterpret_cast<const char*>(residual + (t0 + count) * D),
+                 ahead);
+      sums_of_squares(r, count, D, sq);
       for (int64_t q = 0; q < count; ++q) {
         const int64_t t = t0 + q;
-        A ss;
-        dots<1>(&r[q], r[q], D, &ss);
+        const A ss = sq[q];
         const A rs = A(1) / std::sqrt(ss / static_cast<A>(D) + static_cast<A>(p.rms_eps));
         for (int64_t m = 0; m < M; ++m) {
           const A pm = d[q * M + m] * rs;
