@@ -359,3 +359,19 @@ def test_fused_post_errors_name_the_argument(change, exc, match):
     call.update(change)
     with pytest.raises(exc, match=match):
         torch.ops.simplex_param.hc_post(*call.values())
+
+
+@needs_kernel
+def test_backward_ops_errors_name_the_argument():
+    r, fn, scale = torch.zeros(2, 4, 8), torch.zeros(24, 32), torch.zeros(3)
+    mixes, proj, rstd = torch.zeros(2, 24), torch.zeros(2, 24), torch.zeros(2)
+    bwd = torch.ops.simplex_param._hc_pre_backward
+    with pytest.raises(ValueError, match=r"_hc_pre_backward: grad_x must have shape \[2, 8\]"):
+        bwd(torch.zeros(2, 9), None, r, fn, scale, mixes, proj, rstd, 1e-6)
+    with pytest.raises(ValueError, match=r"_hc_pre_backward: grad_mixes must have shape \[2, 24\]"):
+        bwd(torch.zeros(2, 8), torch.zeros(2, 23), r, fn, scale, mixes, proj, rstd, 1e-6)
+    with pytest.raises(TypeError, match="_hc_pre_backward: rstd must be a floating tensor"):
+        bwd(torch.zeros(2, 8), None, r, fn, scale, mixes, proj, torch.zeros(2, dtype=torch.int64), 1e-6)
+    with pytest.raises(ValueError, match=r"_hc_post_backward: grad must have shape \[2, 4, 8\]"):
+        torch.ops.simplex_param._hc_post_backward(torch.zeros(2, 4, 7), torch.zeros(2, 8), r, torch.zeros(2, 4),
+                                                  torch.zeros(2, 4, 4))

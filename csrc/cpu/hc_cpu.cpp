@@ -188,8 +188,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_pre_backward_cpu(
   }
   check_shape(op, "rstd", rstd, lead);
   const bool has_gm = grad_mixes.has_value() && grad_mixes->defined();
-  if (has_gm) check_shape(op, "grad_mixes", *grad_mixes, with_last(lead, M));
-  for (const at::Tensor* t : {&grad_x, &mixes, &proj, &rstd}) check_floating(op, "a saved tensor or grad", *t, residual);
+  if (has_gm) {
+    check_floating(op, "grad_mixes", *grad_mixes, residual);
+    check_shape(op, "grad_mixes", *grad_mixes, with_last(lead, M));
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_x", &grad_x}, {"mixes", &mixes},
+                                {"proj", &proj}, {"rstd", &rstd}}) {
+    check_floating(op, name, *t, residual);
+  }
 
   const at::TensorOptions acc = residual.options().dtype(p.acc);
   const at::Tensor r = residual.contiguous(), g = grad_x.to(residual.scalar_type()).contiguous();
