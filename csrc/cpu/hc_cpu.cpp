@@ -27,6 +27,13 @@
 #include "../hyper_connections.h"
 #include "capability.h"
 
+// The kernels pass 64-byte GCC vectors by value between always-inline
+// functions (no ABI boundary: -Wpsabi), and pick __m256 or __m256d with
+// std::conditional (whose attributes GCC notes it ignores).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+
 #define SP_HC_ISA baseline
 #define SP_HC_TILE_TOKENS 1
 #define SP_HC_TILE_ROWS 2
@@ -67,6 +74,7 @@
 #else
 #define SP_HC_X86 0
 #endif
+#pragma GCC diagnostic pop
 
 namespace simplex_param {
 namespace cpu {

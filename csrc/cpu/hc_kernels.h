@@ -284,6 +284,29 @@ SP_HC_INLINE void sums_of_squares(const A* const* r, int64_t count, int64_t D, A
   for (; q < count; ++q) dots<1>(&r[q], r[q], D, &ss[q]);
 }
 
+// rows[q * stride + i] += sum over m of gd[q * M + m] * f[m * w + i], m in
+// order as fused multiply-adds, for q < Q tokens and i < w (whole vectors):
+// each vector of f loaded once for the Q tokens.
+template <int Q, typename A>
+SP_HC_INLINE void add_rows(const A* f, int64_t w, int64_t M, const A* gd, A* rows, int64_t stride) {
+  using V = typename Lanes<A>::type;
+  constexpr int L = kLanes<A>;
+  for (int64_t i = 0; i < w; i += L) {
+    V acc[Q];
+    for (int q = 0; q < Q; ++q) std::memcpy(&acc[q], rows + q * stride + i, sizeof(V));
+    for (int64_t m = 0; m < M; ++m) {
+      V y;
+      std::memcpy(&y, f + m * w + i, sizeof(V));
+      for (int q = 0; q < Q; ++q) {
+        V a;
+        for (int l = 0; l < L; ++l) a[l] = gd[q * M + m];
+        acc[q] = madd(acc[q], a, y);
+      }
+    }
+    for (int q = 0; q < Q; ++q) std::memcpy(rows + q * stride + i, &acc[q], sizeof(V));
+  }
+}
+
 // Tokens per block of the kernels: the block's fn chunk is read from L1
 // once per token, the block's tokens stay in L2 (16 x n C values).
 constexpr int64_t kTokens = 16;
@@ -375,7 +398,9 @@ void forward_tokens(const HcPre& p) {
 // The first pass of the backward: everything per token (the file's comment).
 template <typename T, typename A>
 void backward_tokens(const HcPre& p) {
+  constexpr int L = kLanes<A>;
   const int64_t n = p.n, C = p.C, D = n * C, M = p.M;
+  const int64_t whole = D - D % L;
   const T* residual = static_cast<const T*>(p.residual);
   const T* grad_x = static_cast<const T*>(p.grad_x);
   const A* fn = static_cast<const A*>(p.fn);
@@ -387,50 +412,67 @@ void backward_tokens(const HcPre& p) {
   T* grad_residual = static_cast<T*>(p.grad_residual);
   A* grad_mix = static_cast<A*>(p.grad_mix);
   A* grad_dots = static_cast<A*>(p.grad_dots);
-  at::parallel_for(0, p.tokens, token_grain(p), [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(2 * D + C + 2 * n);
-    A* conv = buf.data();  // the token, when converted
-    A* row = conv + D;     // its gradient
-    A* gconv = row + D;    // grad_x's row, when converted
-    A* gp = gconv + C;     // <grad_x, r_j>
+  const int64_t blocks = (p.tokens + kTokens - 1) / kTokens;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(kTokens * D + D + C + 2 * n + M * kChunk<A>);
+    A* rows = buf.data();              // the block's tokens' gradients
+    A* conv = rows + kTokens * D;      // a token, when converted
+    A* gconv = conv + D;               // grad_x's row, when converted
+    A* gp = gconv + C;                 // <grad_x, r_j>
     A* pre = gp + n;
+    A* packed = pre + n;               // fn's chunk
     std::vector<const A*> streams(n);
-    for (int64_t t = begin; t < end; ++t) {
-      const A* r = as_acc(residual + t * D, conv, D);
-      const A* g = as_acc(grad_x + t * C, gconv, C);
-      for (int64_t j = 0; j < n; ++j) streams[j] = r + j * C;
-      ptr_dots(streams.data(), n, g, C, gp);
-      const A rs = rstd[t];
-      A pp = 0;  // sum_m grad_proj[m] proj[m]
-      for (int64_t m = 0; m < M; ++m) {
-        A gm = grad_mixes != nullptr ? grad_mixes[t * M + m] : A(0);
-        if (m < n) {
-          const A s = sigmoid(mixes[t * M + m]);
-          pre[m] = s + static_cast<A>(p.pre_eps);
-          gm += gp[m] * (s * (A(1) - s));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t0 = blk * kTokens, count = std::min(kTokens, p.tokens - t0);
+      // Per token: the scalars, then coef * r + pre_j * grad_x into its row.
+      for (int64_t q = 0; q < count; ++q) {
+        const int64_t t = t0 + q;
+        const A* r = as_acc(residual + t * D, conv, D);
+        const A* g = as_acc(grad_x + t * C, gconv, C);
+        for (int64_t j = 0; j < n; ++j) streams[j] = r + j * C;
+        ptr_dots(streams.data(), n, g, C, gp);
+        const A rs = rstd[t];
+        A pp = 0;  // sum_m grad_proj[m] proj[m]
+        for (int64_t m = 0; m < M; ++m) {
+          A gm = grad_mixes != nullptr ? grad_mixes[t * M + m] : A(0);
+          if (m < n) {
+            const A s = sigmoid(mixes[t * M + m]);
+            pre[m] = s + static_cast<A>(p.pre_eps);
+            gm += gp[m] * (s * (A(1) - s));
+          }
+          grad_mix[t * M + m] = gm;
+          const A gproj = gm * scale[group(m, n)];
+          grad_dots[t * M + m] = gproj * rs;
+          pp += gproj * proj[t * M + m];
         }
-        grad_mix[t * M + m] = gm;
-        const A gproj = gm * scale[group(m, n)];
-        grad_dots[t * M + m] = gproj * rs;
-        pp += gproj * proj[t * M + m];
+        const A coef = -pp * rs * rs / static_cast<A>(D);
+        A* row = rows + q * D;
+        for (int64_t i = 0; i < D; ++i) row[i] = coef * r[i];
+        for (int64_t j = 0; j < n; ++j) {
+          A* rowj = row + j * C;
+          for (int64_t c = 0; c < C; ++c) rowj[c] += pre[j] * g[c];
+        }
       }
-      const A coef = -pp * rs * rs / static_cast<A>(D);
-      for (int64_t i = 0; i < D; ++i) row[i] = coef * r[i];
-      for (int64_t j = 0; j < n; ++j) {
-        A* rowj = row + j * C;
-        for (int64_t c = 0; c < C; ++c) rowj[c] += pre[j] * g[c];
+      // row += sum_m grad_dots[m] fn[m], m in order, one fused multiply-add
+      // each: fn's chunk packed in L1 for the block, each of its vectors
+      // loaded once for kTileTokens tokens.
+      for (int64_t c0 = 0; c0 < whole; c0 += kChunk<A>) {
+        const int64_t w = std::min(kChunk<A>, whole - c0);
+        for (int64_t m = 0; m < M; ++m) std::memcpy(packed + m * w, fn + m * D + c0, w * sizeof(A));
+        int64_t q = 0;
+        for (; q + kTileTokens <= count; q += kTileTokens) {
+          add_rows<kTileTokens>(packed, w, M, grad_dots + (t0 + q) * M, rows + q * D + c0, D);
+        }
+        for (; q < count; ++q) add_rows<1>(packed, w, M, grad_dots + (t0 + q) * M, rows + q * D + c0, D);
       }
-      const A* gd = grad_dots + t * M;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) {
-        const A *f0 = fn + m * D, *f1 = f0 + D, *f2 = f1 + D, *f3 = f2 + D;
-        for (int64_t i = 0; i < D; ++i) row[i] += (gd[m] * f0[i] + gd[m + 1] * f1[i]) + (gd[m + 2] * f2[i] + gd[m + 3] * f3[i]);
+      for (int64_t q = 0; q < count; ++q) {
+        A* row = rows + q * D;
+        const A* gd = grad_dots + (t0 + q) * M;
+        for (int64_t i = whole; i < D; ++i) {
+          for (int64_t m = 0; m < M; ++m) row[i] = std::fma(gd[m], fn[m * D + i], row[i]);
+        }
+        store(row, grad_residual + (t0 + q) * D, D);
       }
-      for (; m < M; ++m) {
-        const A* f = fn + m * D;
-        for (int64_t i = 0; i < D; ++i) row[i] += gd[m] * f[i];
-      }
-      store(row, grad_residual + t * D, D);
     }
   });
 }
