@@ -297,11 +297,7 @@ SP_HC_INLINE void add_rows(const A* f, int64_t w, int64_t M, const A* gd, A* row
     for (int64_t m = 0; m < M; ++m) {
       V y;
       std::memcpy(&y, f + m * w + i, sizeof(V));
-      for (int q = 0; q < Q; ++q) {
-        V a;
-        for (int l = 0; l < L; ++l) a[l] = gd[q * M + m];
-        acc[q] = madd(acc[q], a, y);
-      }
+      for (int q = 0; q < Q; ++q) acc[q] = madd(acc[q], V{} + gd[q * M + m], y);  // gd broadcast
     }
     for (int q = 0; q < Q; ++q) std::memcpy(rows + q * stride + i, &acc[q], sizeof(V));
   }
