@@ -233,7 +233,7 @@ _HAS_KERNEL = _has_cpu_kernel()
 
 
 def _use_kernel(*tensors: Tensor) -> bool:
-    """Whether the fused pre-mix runs: the extension's CPU kernel is there,
+    """Whether the fused ops (hc_pre, hc_post) run: the extension's CPU kernels are there,
     every tensor is a plain CPU tensor (not a DTensor or another subclass),
     and no torch.func transform or forward-mode AD needs the composite."""
     if not _HAS_KERNEL or _transforms_active():
