@@ -330,9 +330,10 @@ SP_HC_INLINE A sigmoid(A v) {
   return A(1) / (A(1) + std::exp(-v));
 }
 
-// Tokens per task of at::parallel_for: about 64 Ki multiply-adds.
-SP_HC_INLINE int64_t token_grain(const HcPre& p) {
-  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, p.n * p.C * (p.M + 2)));
+// Tokens per task of the post-mix's at::parallel_for: about 64 Ki
+// multiply-adds (about n^2 C per token).
+SP_HC_INLINE int64_t post_grain(const HcPost& p) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, p.n * p.n * p.C));
 }
 
 template <typename T, typename A>
@@ -531,8 +532,7 @@ void post_forward_tokens(const HcPost& p) {
   const A* post = static_cast<const A*>(p.post);
   const A* h = static_cast<const A*>(p.h);
   T* out = static_cast<T*>(p.out);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, n * n * C));
-  at::parallel_for(0, p.tokens, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.tokens, post_grain(p), [&](int64_t begin, int64_t end) {
     std::vector<A> acc(C);
     for (int64_t t = begin; t < end; ++t) {
       const T* f = layer_output + t * C;
@@ -564,8 +564,7 @@ void post_backward_tokens(const HcPost& p) {
   T* grad_r = static_cast<T*>(p.grad_residual);
   A* grad_post = static_cast<A*>(p.grad_post);
   A* grad_h = static_cast<A*>(p.grad_h);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, n * n * C));
-  at::parallel_for(0, p.tokens, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.tokens, post_grain(p), [&](int64_t begin, int64_t end) {
     std::vector<A> acc(C), d(n + 1);
     std::vector<const T*> rows(n + 1);
     for (int64_t t = begin; t < end; ++t) {
