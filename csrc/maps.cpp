@@ -12,9 +12,16 @@
 #include "maps.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/autograd.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <string>
 
@@ -39,14 +46,154 @@ at::Tensor ranks(const at::Tensor& x) {
   return at::ones_like(x).cumsum(-1);
 }
 
-// softmax(z / T). The division is skipped at T = 1, where it changes nothing.
-at::Tensor softmax_forward(const at::Tensor& z, const MapArgs& a) {
-  return at::_softmax(scaled(z, a), -1, false);
+// The longest rows the loops below take: torch.softmax's kernel is slow only
+// on rows shorter than one vector, and a row's sum in k order loses accuracy
+// with its length (within 16 roundings here).
+constexpr int64_t kShortRow = 16;
+
+// Whether the softmax and its vjp may run as the loops below: float32 or
+// float64 tensors with plain CPU data, and no graph to record (double
+// backward composes the ATen ops instead). Elsewhere (CUDA, DTensor, fake
+// tensors while torch.compile traces) torch's kernels run.
+bool plain_cpu(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts) {
+    if (!t->device().is_cpu() || t->layout() != at::kStrided || at::isTensorSubclassLike(*t) ||
+        (t->scalar_type() != at::kFloat && t->scalar_type() != at::kDouble) ||
+        (at::GradMode::is_enabled() && t->requires_grad())) {
+      return false;
+    }
+  }
+  return true;
 }
 
-// dL/dz = w * (g - <w, g>) / T, in one fused op.
+// exp(t) in float32 for t <= 0, NaN or -inf (a softmax's exponents), four
+// lanes at a time: the reduction t = n ln2 + r, |r| <= ln2 / 2, with ln2 in
+// two parts, Cephes' degree-7 polynomial for exp(r), then 2^n applied in
+// two exact steps and one rounding, so that subnormal results round once.
+// Written with vector types, so that it is vectorised whatever the compiler
+// makes of branches, and built without contraction: the same bits on every
+// CPU. Within 2 ulp of exp (tests/test_maps.py).
+using F4 = float __attribute__((vector_size(16)));
+using I4 = int32_t __attribute__((vector_size(16)));
+
+inline F4 exp_nonpositive(F4 t) {
+  const I4 nan = t != t, under = t < -104.0f;  // exp(-104) rounds to 0
+  const F4 x = reinterpret_cast<F4>(~(nan | under) & reinterpret_cast<I4>(t)) +
+      reinterpret_cast<F4>(under & reinterpret_cast<I4>(F4{} - 104.0f));
+  // n = x log2(e) rounded to nearest: 1.5 * 2^23 added and taken off (no
+  // rounding instruction needed, which baseline x86-64 lacks).
+  const F4 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const F4 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  F4 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const F4 scale = reinterpret_cast<F4>((__builtin_convertvector(n, I4) + (64 + 127)) << 23);  // 2^(n + 64)
+  const F4 e = (p * scale) * 0x1p-64f;
+  return reinterpret_cast<F4>((nan & reinterpret_cast<I4>(t)) | (~(nan | under) & reinterpret_cast<I4>(e)));
+}
+
+// x[i] = exp(x[i]) for i < len, four at a time (the tail in a padded copy).
+inline void exp_nonpositive(float* x, int64_t len) {
+  int64_t i = 0;
+  for (; i + 4 <= len; i += 4) {
+    F4 v;
+    std::memcpy(&v, x + i, sizeof(v));
+    v = exp_nonpositive(v);
+    std::memcpy(x + i, &v, sizeof(v));
+  }
+  if (i < len) {
+    F4 v{};
+    std::memcpy(&v, x + i, (len - i) * sizeof(float));
+    v = exp_nonpositive(v);
+    std::memcpy(x + i, &v, (len - i) * sizeof(float));
+  }
+}
+
+inline void exp_nonpositive(double* x, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) x[i] = std::exp(x[i]);
+}
+
+// w = softmax(z / T) over rows of K, into `w` (rows x K, contiguous): the
+// exponents row by row, then the exp over the whole range at once (a loop
+// the compiler vectorises, which rows of 8 or 16 are too short for), then
+// each row divided by its sum. torch.softmax's kernel runs a scalar exp per
+// element for rows shorter than one vector: 300 us against 25 us here for
+// the (4096, 8) logits of a per-token mix (docs/benchmarks.md).
+template <typename T>
+void softmax_rows(const T* z, T* w, int64_t rows, int64_t K, double temperature) {
+  const T temp = static_cast<T>(temperature);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* zr = z + r * K;
+      T* wr = w + r * K;
+      T m = -std::numeric_limits<T>::infinity();
+      // A NaN need not win the maximum: its exponent is NaN, and so the sum.
+      if (temperature == 1.0) {
+        for (int64_t k = 0; k < K; ++k) m = std::max(m, zr[k]);
+        for (int64_t k = 0; k < K; ++k) wr[k] = zr[k] - m;
+      } else {
+        for (int64_t k = 0; k < K; ++k) m = std::max(m, zr[k] / temp);
+        for (int64_t k = 0; k < K; ++k) wr[k] = zr[k] / temp - m;
+      }
+    }
+    T* wr = w + r0 * K;
+    exp_nonpositive(wr, (r1 - r0) * K);
+    for (int64_t r = r0; r < r1; ++r, wr += K) {
+      T s = 0;
+      for (int64_t k = 0; k < K; ++k) s += wr[k];
+      const T inv = T(1) / s;  // as torch.softmax does
+      for (int64_t k = 0; k < K; ++k) wr[k] = wr[k] * inv;
+    }
+  });
+}
+
+// dz = w * (g - <w, g>) / T, row by row, into `dz`.
+template <typename T>
+void softmax_vjp_rows(const T* w, const T* g, T* dz, int64_t rows, int64_t K, double temperature) {
+  const T temp = static_cast<T>(temperature);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T *wr = w + r * K, *gr = g + r * K;
+      T dot = 0;
+      for (int64_t k = 0; k < K; ++k) dot += wr[k] * gr[k];
+      for (int64_t k = 0; k < K; ++k) {
+        const T d = wr[k] * (gr[k] - dot);
+        dz[r * K + k] = temperature == 1.0 ? d : d / temp;
+      }
+    }
+  });
+}
+
+// softmax(z / T). On plain CPU tensors, the row loops above; elsewhere
+// torch's kernel (the division skipped at T = 1, where it changes nothing).
+at::Tensor softmax_forward(const at::Tensor& z, const MapArgs& a) {
+  if (!plain_cpu({&z}) || z.dim() == 0 || z.size(-1) > kShortRow) return at::_softmax(scaled(z, a), -1, false);
+  const at::Tensor zc = z.contiguous();
+  at::Tensor w = at::empty(z.sizes(), z.options());
+  const int64_t K = z.size(-1), rows = K == 0 ? 0 : z.numel() / K;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "softmax_rows", [&] {
+    softmax_rows(zc.const_data_ptr<scalar_t>(), w.mutable_data_ptr<scalar_t>(), rows, K, a.temperature);
+  });
+  return w;
+}
+
+// dL/dz = w * (g - <w, g>) / T: the row loop above, or one fused ATen op.
 at::Tensor softmax_vjp(const at::Tensor& w, const at::Tensor& grad_w, const MapArgs& a) {
-  return scaled(at::_softmax_backward_data(grad_w, w, -1, w.scalar_type()), a);
+  if (!plain_cpu({&w, &grad_w}) || w.dim() == 0 || w.size(-1) > kShortRow || grad_w.scalar_type() != w.scalar_type() ||
+      grad_w.sizes() != w.sizes()) {
+    return scaled(at::_softmax_backward_data(grad_w, w, -1, w.scalar_type()), a);
+  }
+  const at::Tensor wc = w.contiguous(), gc = grad_w.contiguous();
+  at::Tensor dz = at::empty(w.sizes(), w.options());
+  const int64_t K = w.size(-1), rows = K == 0 ? 0 : w.numel() / K;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "softmax_vjp_rows", [&] {
+    softmax_vjp_rows(wc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(), dz.mutable_data_ptr<scalar_t>(),
+                     rows, K, a.temperature);
+  });
+  return dz;
 }
 
 // z / T, the weights as given at T = 1.

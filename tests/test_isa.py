@@ -43,7 +43,10 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             logits[..., 2] = -float("inf")
         logits.requires_grad_()
         out = sp.softmax_weighted_sum(logits, xs)
-        w = torch.softmax(logits.detach().to(reference.acc_dtype(dtype)), -1)
+        # The op's own weights (its softmax: docs/numerics.md), read through
+        # one-hot inputs, whose sums are exact.
+        eye = torch.eye(K, dtype=reference.acc_dtype(dtype))
+        w = sp.softmax_weighted_sum(logits.detach().to(eye.dtype), [e.expand(*shape[:rows], K) for e in eye])
         ref = reference.weighted_sum(w, [x.detach() for x in xs])
         # The same bits, NaN aside: torch's own bfloat16 NaN differs between
         # its scalar (0x7FC0, the kernels') and vector conversions (0xFFFF).

@@ -117,6 +117,37 @@ def test_known_values(device):
     assert_close(weights_of("entmax15", t(z, 0.0)), t((z / 2 - tau) ** 2, tau ** 2))
 
 
+@pytest.mark.parametrize("K", [1, 2, 3, 8, 13, 16, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_weights_are_within_a_few_ulp(K, dtype, device):
+    """The softmax's weights and the logits' gradient against the exact
+    softmax of the exponents z / T - max(z / T), rounded to the dtype as
+    every softmax kernel rounds them (torch.softmax's float32 kernel is
+    itself up to 3 ulp from that): within 8 ulp of the weight (and of the
+    subnormal spacing, for weights that small), as docs/numerics.md promises,
+    for logit spreads whose exponentials reach the subnormals."""
+    torch.manual_seed(K)
+    info = torch.finfo(dtype)
+    tol = dict(rtol=8 * info.eps, atol=2 * info.tiny * info.eps)
+    eye = torch.eye(K, dtype=dtype, device=device)
+    for scale in (1.0, 30.0):
+        for temperature in (1.0, 0.7):
+            z = (scale * torch.randn(300, K, dtype=dtype, device=device)).requires_grad_()
+            w = sp.simplex_weighted_sum(z, [eye[k].expand(300, K) for k in range(K)], temperature=temperature)
+            x = z / temperature
+            exact = torch.softmax((x - x.max(-1, keepdim=True).values).double(), -1)
+            torch.testing.assert_close(w.double(), exact, **tol)
+            g = torch.randn(300, K, dtype=dtype, device=device)
+            (got,) = torch.autograd.grad(w, z, g)
+            (want,) = torch.autograd.grad(exact, z, g.double())
+            torch.testing.assert_close(got, want, rtol=8 * info.eps, atol=16 * info.eps * want.abs().max().item())
+    inf, nan = float("inf"), float("nan")
+    z = torch.tensor([[0.5, -inf, 0.2], [-inf, -inf, -inf], [0.0, nan, 1.0], [inf, 0.0, 0.0]], dtype=dtype, device=device)
+    w = sp.softmax_weighted_sum(z, list(torch.eye(3, dtype=dtype, device=device).unsqueeze(1).expand(3, 4, 3)))
+    assert w[0, 1] == 0 and torch.isfinite(w[0]).all()
+    assert torch.isnan(w[1:]).all()
+
+
 @pytest.mark.parametrize("map", SPARSE_MAPS)
 def test_neg_inf_is_a_zero_weight_and_all_neg_inf_is_nan(map, device):
     inf = float("inf")
