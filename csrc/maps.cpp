@@ -21,7 +21,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 #include <limits>
 #include <string>
 
@@ -51,19 +50,12 @@ at::Tensor ranks(const at::Tensor& x) {
 // with its length (within 16 roundings here).
 constexpr int64_t kShortRow = 16;
 
-// Whether the softmax and its vjp may run as the loops below: float32 or
-// float64 tensors with plain CPU data, and no graph to record (double
-// backward composes the ATen ops instead). Elsewhere (CUDA, DTensor, fake
+// Whether the softmax's loops below take `t`: float32 or float64 with plain
+// CPU data, in rows of at most kShortRow. Elsewhere (CUDA, DTensor, fake
 // tensors while torch.compile traces) torch's kernels run.
-bool plain_cpu(std::initializer_list<const at::Tensor*> ts) {
-  for (const at::Tensor* t : ts) {
-    if (!t->device().is_cpu() || t->layout() != at::kStrided || at::isTensorSubclassLike(*t) ||
-        (t->scalar_type() != at::kFloat && t->scalar_type() != at::kDouble) ||
-        (at::GradMode::is_enabled() && t->requires_grad())) {
-      return false;
-    }
-  }
-  return true;
+bool short_rows_on_cpu(const at::Tensor& t) {
+  return t.device().is_cpu() && t.layout() == at::kStrided && !at::isTensorSubclassLike(t) &&
+      (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) && t.dim() > 0 && t.size(-1) <= kShortRow;
 }
 
 // exp(t) in float32 for t <= 0, NaN or -inf (a softmax's exponents), four
@@ -72,7 +64,8 @@ bool plain_cpu(std::initializer_list<const at::Tensor*> ts) {
 // two exact steps and one rounding, so that subnormal results round once.
 // Written with vector types, so that it is vectorised whatever the compiler
 // makes of branches, and built without contraction: the same bits on every
-// CPU. Within 2 ulp of exp (tests/test_maps.py).
+// CPU. About 2 ulp from exp at most; the weights are tested within 8 ulp of
+// the exact softmax (tests/test_maps.py).
 using F4 = float __attribute__((vector_size(16)));
 using I4 = int32_t __attribute__((vector_size(16)));
 
@@ -117,11 +110,11 @@ inline void exp_nonpositive(double* x, int64_t len) {
 }
 
 // w = softmax(z / T) over rows of K, into `w` (rows x K, contiguous): the
-// exponents row by row, then the exp over the whole range at once (a loop
-// the compiler vectorises, which rows of 8 or 16 are too short for), then
-// each row divided by its sum. torch.softmax's kernel runs a scalar exp per
-// element for rows shorter than one vector: 300 us against 25 us here for
-// the (4096, 8) logits of a per-token mix (docs/benchmarks.md).
+// exponents row by row, then the exp over the whole range at once (rows of
+// 8 or 16 are too short to vectorise), then each row scaled by the
+// reciprocal of its sum. torch.softmax's kernel runs a scalar exp per
+// element for rows shorter than one vector: 280-300 us against about 60 us
+// here for the (4096, 8) logits of a per-token mix (docs/benchmarks.md).
 template <typename T>
 void softmax_rows(const T* z, T* w, int64_t rows, int64_t K, double temperature) {
   const T temp = static_cast<T>(temperature);
@@ -170,7 +163,8 @@ void softmax_vjp_rows(const T* w, const T* g, T* dz, int64_t rows, int64_t K, do
 // softmax(z / T). On plain CPU tensors, the row loops above; elsewhere
 // torch's kernel (the division skipped at T = 1, where it changes nothing).
 at::Tensor softmax_forward(const at::Tensor& z, const MapArgs& a) {
-  if (!plain_cpu({&z}) || z.dim() == 0 || z.size(-1) > kShortRow) return at::_softmax(scaled(z, a), -1, false);
+  // Never differentiated through: its callers run below autograd.
+  if (!short_rows_on_cpu(z)) return at::_softmax(scaled(z, a), -1, false);
   const at::Tensor zc = z.contiguous();
   at::Tensor w = at::empty(z.sizes(), z.options());
   const int64_t K = z.size(-1), rows = K == 0 ? 0 : z.numel() / K;
@@ -182,8 +176,9 @@ at::Tensor softmax_forward(const at::Tensor& z, const MapArgs& a) {
 
 // dL/dz = w * (g - <w, g>) / T: the row loop above, or one fused ATen op.
 at::Tensor softmax_vjp(const at::Tensor& w, const at::Tensor& grad_w, const MapArgs& a) {
-  if (!plain_cpu({&w, &grad_w}) || w.dim() == 0 || w.size(-1) > kShortRow || grad_w.scalar_type() != w.scalar_type() ||
-      grad_w.sizes() != w.sizes()) {
+  // With a graph to record (double backward), the differentiable ATen op.
+  const bool graph = at::GradMode::is_enabled() && (w.requires_grad() || grad_w.requires_grad());
+  if (graph || !short_rows_on_cpu(w) || grad_w.scalar_type() != w.scalar_type() || grad_w.sizes() != w.sizes()) {
     return scaled(at::_softmax_backward_data(grad_w, w, -1, w.scalar_type()), a);
   }
   const at::Tensor wc = w.contiguous(), gc = grad_w.contiguous();
