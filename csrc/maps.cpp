@@ -51,10 +51,11 @@ at::Tensor ranks(const at::Tensor& x) {
 constexpr int64_t kShortRow = 16;
 
 // Whether the softmax's loops below take `t`: float32 or float64 with plain
-// CPU data, in rows of at most kShortRow. Elsewhere (CUDA, DTensor, fake
-// tensors while torch.compile traces) torch's kernels run.
+// CPU data (no tensor subclass or mode, no pending negation), in rows of at
+// most kShortRow. Elsewhere (CUDA, a DTensor or fake tensor reaching the op
+// itself) torch's kernels run.
 bool short_rows_on_cpu(const at::Tensor& t) {
-  return t.device().is_cpu() && t.layout() == at::kStrided && !at::isTensorSubclassLike(t) &&
+  return t.device().is_cpu() && t.layout() == at::kStrided && !at::isTensorSubclassLike(t) && !t.is_neg() &&
       (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) && t.dim() > 0 && t.size(-1) <= kShortRow;
 }
 
@@ -64,8 +65,8 @@ bool short_rows_on_cpu(const at::Tensor& t) {
 // two exact steps and one rounding, so that subnormal results round once.
 // Written with vector types, so that it is vectorised whatever the compiler
 // makes of branches, and built without contraction: the same bits on every
-// CPU. About 2 ulp from exp at most; the weights are tested within 8 ulp of
-// the exact softmax (tests/test_maps.py).
+// CPU. About 2 ulp from exp; the weights are tested within 8 ulp of the
+// exact softmax (tests/test_maps.py).
 using F4 = float __attribute__((vector_size(16)));
 using I4 = int32_t __attribute__((vector_size(16)));
 
@@ -178,7 +179,8 @@ at::Tensor softmax_forward(const at::Tensor& z, const MapArgs& a) {
 at::Tensor softmax_vjp(const at::Tensor& w, const at::Tensor& grad_w, const MapArgs& a) {
   // With a graph to record (double backward), the differentiable ATen op.
   const bool graph = at::GradMode::is_enabled() && (w.requires_grad() || grad_w.requires_grad());
-  if (graph || !short_rows_on_cpu(w) || grad_w.scalar_type() != w.scalar_type() || grad_w.sizes() != w.sizes()) {
+  if (graph || !short_rows_on_cpu(w) || !short_rows_on_cpu(grad_w) || grad_w.scalar_type() != w.scalar_type() ||
+      grad_w.sizes() != w.sizes()) {
     return scaled(at::_softmax_backward_data(grad_w, w, -1, w.scalar_type()), a);
   }
   const at::Tensor wc = w.contiguous(), gc = grad_w.contiguous();

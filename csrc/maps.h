@@ -2,7 +2,9 @@
 // dimension, in one registry (maps.cpp; its Python half is
 // simplex_param/maps.py). Each is a forward and its vector-Jacobian product,
 // built from differentiable ATen ops, so that a map works on every device and
-// its backward can itself be differentiated (double backward).
+// its backward can itself be differentiated (double backward). (The softmax
+// runs loops of its own on short CPU rows, and the ATen ops whenever a graph
+// is recorded: maps.cpp.)
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -148,6 +148,18 @@ def test_softmax_weights_are_within_a_few_ulp(K, dtype, device):
     assert torch.isnan(w[1:]).all()
 
 
+def test_softmax_of_a_lazily_negated_view(device):
+    """The imaginary part of a conjugate is a float view whose negation is
+    pending (its memory holds +imag): the weights are those of -imag."""
+    c = torch.randn(6, 5, dtype=torch.complex64, device=device)
+    eye = torch.eye(5, device=device)
+    # The view as a user gets it (strided), and a contiguous one.
+    for z in (c.conj().imag, torch._neg_view(c.imag.contiguous())):
+        assert z.is_neg()
+        w = sp.softmax_weighted_sum(z, [e.expand(6, 5) for e in eye])
+        assert_close(w, torch.softmax(-c.imag, -1))
+
+
 @pytest.mark.parametrize("map", SPARSE_MAPS)
 def test_neg_inf_is_a_zero_weight_and_all_neg_inf_is_nan(map, device):
     inf = float("inf")
