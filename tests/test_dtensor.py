@@ -40,12 +40,21 @@ def _full(t):
 
 
 def _check_case(name, mesh, fn, weights, inputs, placements, weight_placements=None, grouped_k=None,
-                exact_weight_grad=False, weight_grad_placements=None):
+                exact_weight_grad=False, weight_grad_placements=None, exact=True):
     """fn(weights, inputs) dense and distributed: the same output (bitwise),
     input gradients (bitwise, with the inputs' placements) and weight
     gradient (replicated; bitwise when `exact_weight_grad`, else within 1e-6).
     `weight_grad_placements` (default: the weights') lists the placements
-    the weight gradient may have on each mesh dimension."""
+    the weight gradient may have on each mesh dimension. Not `exact`: the
+    output and the gradients within the dtype's tolerance, for the softmax
+    of a DTensor reaching the op itself, which runs torch's kernel where the
+    dense call runs the library's short-row loops (docs/numerics.md)."""
+    def same(a, b, msg):
+        if exact:
+            assert torch.equal(a, b), msg
+        else:
+            torch.testing.assert_close(a, b, msg=msg)
+
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
     dense_w, dense_x, dist_w, dist_x = _dense_and_dist(mesh, weights, inputs, placements, weight_placements)
@@ -59,12 +68,12 @@ def _check_case(name, mesh, fn, weights, inputs, placements, weight_placements=N
         assert isinstance(d, DTensor), name
         assert tuple(d.placements) == tuple(placements), (name, d.placements)
         assert d.shape == o.shape and d.dtype == o.dtype, name
-        assert torch.equal(d.full_tensor(), o), f"{name}: output"
+        same(d.full_tensor(), o, f"{name}: output")
     torch.autograd.backward(dense_out, grads)
     torch.autograd.backward(dist_out, [distribute_tensor(g, mesh, placements) for g in grads])
     for k, (a, b) in enumerate(zip(dist_x, dense_x)):
         assert tuple(a.grad.placements) == tuple(placements), (name, k, a.grad.placements)
-        assert torch.equal(a.grad.full_tensor(), b.grad), f"{name}: gradient of input {k}"
+        same(a.grad.full_tensor(), b.grad, f"{name}: gradient of input {k}")
     wg = dist_w.grad
     if weight_grad_placements is None and weight_placements is not None:
         weight_grad_placements = [[p] for p in weight_placements]
@@ -76,7 +85,7 @@ def _check_case(name, mesh, fn, weights, inputs, placements, weight_placements=N
         gathered = [torch.empty_like(local) for _ in range(WORLD)]
         torch.distributed.all_gather(gathered, local.contiguous())
         assert all(torch.equal(gathered[0], t) for t in gathered), f"{name}: weight gradient not replicated"
-    if exact_weight_grad:
+    if exact_weight_grad and exact:
         assert torch.equal(_full(wg), dense_w.grad), f"{name}: weight gradient"
     else:
         torch.testing.assert_close(_full(wg), dense_w.grad, rtol=1e-6, atol=1e-6, msg=f"{name}: weight gradient")
@@ -240,9 +249,10 @@ def _direct_cases(mesh):
             for map in ("softmax", "identity", "entmax_bisect", "sparsemax", "entmax15"):
                 done.append(_check_case(f"direct simplex_weighted_sum {map} {dtype} {placements}", mesh,
                                         lambda w_, x, map=map: ops.simplex_weighted_sum(w_, x, map, 0.5),
-                                        w, xs, placements, **common))
+                                        w, xs, placements, exact=map != "softmax", **common))
             done.append(_check_case(f"direct softmax_weighted_sum {dtype} {placements}", mesh,
-                                    lambda w_, x: ops.softmax_weighted_sum(w_, x, 2.0), w, xs, placements, **common))
+                                    lambda w_, x: ops.softmax_weighted_sum(w_, x, 2.0), w, xs, placements,
+                                    exact=False, **common))
             with torch.inference_mode():  # the op whole, through its rule
                 xd = [distribute_tensor(x, mesh, placements) for x in xs]
                 for map in ("sparsemax", "entmax15"):
@@ -279,7 +289,7 @@ def _direct_cases(mesh):
                                     lambda w_, x: ops.grouped_weighted_sum(w_, x), wg, flat, placements, **common))
             done.append(_check_case(f"direct grouped_simplex_weighted_sum {dtype} {placements}", mesh,
                                     lambda w_, x: ops.grouped_simplex_weighted_sum(w_, x, "softmax", 0.7),
-                                    wg, flat, placements, **common))
+                                    wg, flat, placements, exact=False, **common))
 
     # Errors name the argument.
     wd = distribute_tensor(torch.ones(2), mesh, [Replicate()])
