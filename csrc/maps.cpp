@@ -23,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "checks.h"
 
@@ -110,6 +111,25 @@ inline void exp_nonpositive(double* x, int64_t len) {
   for (int64_t i = 0; i < len; ++i) x[i] = std::exp(x[i]);
 }
 
+// f(r0, r1) over the rows [0, rows) of K elements, in parallel blocks of
+// about 32768 elements.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t K, const F& f) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), f);
+}
+
+// A new tensor shaped as `like`, its rows (of its last dimension) filled by
+// loop(out, rows, K), `out` its typed data.
+template <typename Loop>
+at::Tensor rows_by(const at::Tensor& like, const Loop& loop) {
+  at::Tensor out = at::empty(like.sizes(), like.options());
+  const int64_t K = like.size(-1), rows = K == 0 ? 0 : like.numel() / K;
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "softmax_rows", [&] {
+    loop(out.mutable_data_ptr<scalar_t>(), rows, K);
+  });
+  return out;
+}
+
 // w = softmax(z / T) over rows of K, into `w` (rows x K, contiguous): the
 // exponents row by row, then the exp over the whole range at once (rows of
 // 8 or 16 are too short to vectorise), then each row scaled by the
@@ -119,7 +139,7 @@ inline void exp_nonpositive(double* x, int64_t len) {
 template <typename T>
 void softmax_rows(const T* z, T* w, int64_t rows, int64_t K, double temperature) {
   const T temp = static_cast<T>(temperature);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+  parallel_rows(rows, K, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* zr = z + r * K;
       T* wr = w + r * K;
@@ -148,7 +168,7 @@ void softmax_rows(const T* z, T* w, int64_t rows, int64_t K, double temperature)
 template <typename T>
 void softmax_vjp_rows(const T* w, const T* g, T* dz, int64_t rows, int64_t K, double temperature) {
   const T temp = static_cast<T>(temperature);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+  parallel_rows(rows, K, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T *wr = w + r * K, *gr = g + r * K;
       T dot = 0;
@@ -167,12 +187,10 @@ at::Tensor softmax_forward(const at::Tensor& z, const MapArgs& a) {
   // Never differentiated through: its callers run below autograd.
   if (!short_rows_on_cpu(z)) return at::_softmax(scaled(z, a), -1, false);
   const at::Tensor zc = z.contiguous();
-  at::Tensor w = at::empty(z.sizes(), z.options());
-  const int64_t K = z.size(-1), rows = K == 0 ? 0 : z.numel() / K;
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "softmax_rows", [&] {
-    softmax_rows(zc.const_data_ptr<scalar_t>(), w.mutable_data_ptr<scalar_t>(), rows, K, a.temperature);
+  return rows_by(z, [&](auto* w, int64_t rows, int64_t K) {
+    using T = std::remove_pointer_t<decltype(w)>;
+    softmax_rows(zc.const_data_ptr<T>(), w, rows, K, a.temperature);
   });
-  return w;
 }
 
 // dL/dz = w * (g - <w, g>) / T: the row loop above, or one fused ATen op.
@@ -184,13 +202,10 @@ at::Tensor softmax_vjp(const at::Tensor& w, const at::Tensor& grad_w, const MapA
     return scaled(at::_softmax_backward_data(grad_w, w, -1, w.scalar_type()), a);
   }
   const at::Tensor wc = w.contiguous(), gc = grad_w.contiguous();
-  at::Tensor dz = at::empty(w.sizes(), w.options());
-  const int64_t K = w.size(-1), rows = K == 0 ? 0 : w.numel() / K;
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "softmax_vjp_rows", [&] {
-    softmax_vjp_rows(wc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(), dz.mutable_data_ptr<scalar_t>(),
-                     rows, K, a.temperature);
+  return rows_by(w, [&](auto* dz, int64_t rows, int64_t K) {
+    using T = std::remove_pointer_t<decltype(dz)>;
+    softmax_vjp_rows(wc.const_data_ptr<T>(), gc.const_data_ptr<T>(), dz, rows, K, a.temperature);
   });
-  return dz;
 }
 
 // z / T, the weights as given at T = 1.

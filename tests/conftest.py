@@ -31,6 +31,17 @@ def assert_close(actual, expected, dtype=None):
     torch.testing.assert_close(actual, expected, **tol(dtype), equal_nan=True)
 
 
+def weights_of(map, logits, temperature=1.0, dtype=torch.float64, **opts):
+    """The weights a map gives, read through the contraction: w[..., k] is the
+    output for inputs that are the one-hot vectors e_k of `dtype` (their
+    sums are exact), so the weights are taken in that dtype's accumulation
+    dtype."""
+    K = logits.shape[-1]
+    eye = torch.eye(K, dtype=dtype, device=logits.device)
+    xs = [eye[k].expand(*logits.shape[:-1], K) for k in range(K)]
+    return sp.simplex_weighted_sum(logits, xs, map=map, temperature=temperature, **opts)
+
+
 def pytest_report_header(config):
     return f"simplex_param: compiled extension loaded: {COMPILED}; devices: {DEVICES}"
 

@@ -11,7 +11,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import simplex_param as sp
 from simplex_param import maps, reference
 
-from conftest import COMPILED, assert_close
+from conftest import COMPILED, assert_close, weights_of
 
 MAPS = list(maps.MAPS)
 SIMPLEX_MAPS = list(maps.SIMPLEX_MAPS)
@@ -67,15 +67,6 @@ def test_every_map_has_an_oracle_and_both_registries_agree():
         assert str(e.value).split(" got ")[0] == "map must be one of " + ", ".join(repr(m) for m in maps.MAPS) + ","
 
 
-def weights_of(map, logits, temperature=1.0, **opts):
-    """The weights a map gives, read through the contraction: w[..., k] is the
-    output for inputs that are the one-hot vectors e_k."""
-    K = logits.shape[-1]
-    eye = torch.eye(K, dtype=torch.float64, device=logits.device)
-    xs = [eye[k].expand(*logits.shape[:-1], K) for k in range(K)]
-    return sp.simplex_weighted_sum(logits, xs, map=map, temperature=temperature, **opts)
-
-
 @pytest.mark.parametrize("map", MAPS)
 @pytest.mark.parametrize("shape", [(7,), (5, 7), (2, 3, 4)])
 def test_against_independent_reference(map, shape, device):
@@ -129,11 +120,11 @@ def test_softmax_weights_are_within_a_few_ulp(K, dtype, device):
     torch.manual_seed(K)
     info = torch.finfo(dtype)
     tol = dict(rtol=8 * info.eps, atol=2 * info.tiny * info.eps)
-    eye = torch.eye(K, dtype=dtype, device=device)
     for scale in (1.0, 30.0):
         for temperature in (1.0, 0.7):
             z = (scale * torch.randn(300, K, dtype=dtype, device=device)).requires_grad_()
-            w = sp.simplex_weighted_sum(z, [eye[k].expand(300, K) for k in range(K)], temperature=temperature)
+            # Inputs of the logits' dtype, which is then the one the weights are taken in.
+            w = weights_of("softmax", z, temperature, dtype=dtype)
             x = z / temperature
             exact = torch.softmax((x - x.max(-1, keepdim=True).values).double(), -1)
             torch.testing.assert_close(w.double(), exact, **tol)
@@ -143,7 +134,7 @@ def test_softmax_weights_are_within_a_few_ulp(K, dtype, device):
             torch.testing.assert_close(got, want, rtol=8 * info.eps, atol=16 * info.eps * want.abs().max().item())
     inf, nan = float("inf"), float("nan")
     z = torch.tensor([[0.5, -inf, 0.2], [-inf, -inf, -inf], [0.0, nan, 1.0], [inf, 0.0, 0.0]], dtype=dtype, device=device)
-    w = sp.softmax_weighted_sum(z, list(torch.eye(3, dtype=dtype, device=device).unsqueeze(1).expand(3, 4, 3)))
+    w = weights_of("softmax", z, dtype=dtype)
     assert w[0, 1] == 0 and torch.isfinite(w[0]).all()
     assert torch.isnan(w[1:]).all()
 
@@ -152,11 +143,10 @@ def test_softmax_of_a_lazily_negated_view(device):
     """The imaginary part of a conjugate is a float view whose negation is
     pending (its memory holds +imag): the weights are those of -imag."""
     c = torch.randn(6, 5, dtype=torch.complex64, device=device)
-    eye = torch.eye(5, device=device)
     # The view as a user gets it (strided), and a contiguous one.
     for z in (c.conj().imag, torch._neg_view(c.imag.contiguous())):
         assert z.is_neg()
-        w = sp.softmax_weighted_sum(z, [e.expand(6, 5) for e in eye])
+        w = weights_of("softmax", z, dtype=torch.float32)
         assert_close(w, torch.softmax(-c.imag, -1))
 
 
