@@ -37,6 +37,7 @@ from simplex_param import MixedOp, cpu_capability, extension_loaded, reference, 
 from . import bench_grouped, bench_mhc
 from .bench_grouped import GROUPED_CONTENDERS, GROUPED_SETS
 from .bench_mhc import MHC_CONTENDERS, MHC_SETS
+from . import timing
 from .timing import median_times, peak_extra_bytes, sync
 
 __all__ = ["main", "add_arguments", "run", "run_benchmark"]
@@ -328,13 +329,14 @@ def _no_grad(step):
 
 def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, contenders=CONTENDERS,
         repeats=15, device="cpu", target_s=0.01, log=None, grouped_contenders=GROUPED_CONTENDERS,
-        mhc_contenders=MHC_CONTENDERS):
+        mhc_contenders=MHC_CONTENDERS, malloc="default"):
     """Runs the benchmark; returns the JSON-ready report. `cases` names cases
     of CASES, "overhead", "search-cell", the grouped sets and the mHC cases
-    (default: all of them)."""
+    (default: all of them). `malloc` says how the C allocator was set
+    (:func:`~simplex_param.cli.timing.keep_freed_memory`), for the report."""
     device = torch.device(device)
     selected = [c for c in CASES if cases is None or c.name in cases]
-    report = {"machine": machine_info(device), "repeats": repeats, "results": []}
+    report = {"machine": machine_info(device, malloc), "repeats": repeats, "results": []}
     if selected and log:
         log(_header(contenders))
     report["results"] = [
@@ -371,7 +373,7 @@ def run_benchmark(cases=None, dtypes=("float32", "bfloat16"), modes=MODES, conte
     return report
 
 
-def machine_info(device):
+def machine_info(device, malloc="default"):
     cpu, family, model = platform.processor() or platform.machine(), None, None
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -399,6 +401,7 @@ def machine_info(device):
         "python": platform.python_version(),
         "extension_loaded": extension_loaded(),
         "device": str(device),
+        "malloc": malloc,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -412,7 +415,8 @@ def machine_info(device):
 def _machine_line(m):
     llc = f"{m['last_level_cache_bytes'] / 2**20:.0f} MiB" if m["last_level_cache_bytes"] else "unknown"
     return (f"{m['cpu']}, last-level cache {llc}, {m['cpu_count']} cores, {m['torch_threads']} torch threads, "
-            f"torch {m['torch']}, extension loaded: {m['extension_loaded']}, CPU kernels: {m['cpu_capability']}")
+            f"torch {m['torch']}, extension loaded: {m['extension_loaded']}, CPU kernels: {m['cpu_capability']}, "
+            f"malloc: {m['malloc']}")
 
 
 def _header(contenders):
@@ -503,6 +507,9 @@ def add_arguments(parser):
                         help="contenders of the grouped sets (default: all; compile not on the many-small set)")
     parser.add_argument("--mhc-contenders", nargs="+", choices=MHC_CONTENDERS,
                         help="contenders of the mHC cases (default: all)")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: glibc keeps freed memory for reuse, so that page faults do not depend on its "
+                             "heap's state (default); default: glibc's own settings")
     return parser
 
 
@@ -525,7 +532,8 @@ def run(args) -> int:
             raise SystemExit("--plot needs matplotlib: pip install matplotlib (or simplex_param[plot])") from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(_machine_line(machine_info(torch.device(args.device))), flush=True)
+    malloc = timing.keep_freed_memory() if args.malloc == "keep" else "default"
+    print(_machine_line(machine_info(torch.device(args.device), malloc)), flush=True)
     contenders = tuple(args.contenders or CONTENDERS)
     report = run_benchmark(
         cases=args.cases or (QUICK_CASES + [OVERHEAD] if args.quick else None),
@@ -537,6 +545,7 @@ def run(args) -> int:
         log=lambda line: print(line, flush=True),
         grouped_contenders=tuple(args.grouped_contenders or GROUPED_CONTENDERS),
         mhc_contenders=tuple(getattr(args, "mhc_contenders", None) or MHC_CONTENDERS),
+        malloc=malloc,
     )
     if report["results"]:
         print()
