@@ -44,16 +44,34 @@ struct WeightRows {
 
 } // namespace
 
-bool beyond_cache(size_t bytes) {
-  // The last-level cache's size, for the forward's choice of passes.
-  static const size_t llc = [] {
+int forward_streams(size_t bytes) {
+  static const size_t llc = [] {  // the last-level cache's size
     long size = -1;
 #if defined(_SC_LEVEL3_CACHE_SIZE)
     size = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
     return size > 0 ? static_cast<size_t>(size) : size_t{32} << 20;
   }();
-  return bytes > llc;
+  // From memory: on the Xeon of docs/benchmarks.md, eight streams per pass
+  // beat four (the kernel alone 7% faster in float32; through the op, four
+  // lost the beyond-cache forward to compile's one loop in 3 of 4 runs,
+  // eight in none); four were chosen on an AMD EPYC, and are kept where
+  // nothing was measured. Read at the first call.
+  static const int from_memory = [] {
+    const char* env = std::getenv("SIMPLEX_PARAM_MEMORY_STREAMS");
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long n = std::strtol(env, &end, 10);
+      TORCH_CHECK(*end == '\0' && n >= 1 && n <= 16, "SIMPLEX_PARAM_MEMORY_STREAMS=", env,
+                  " must be a whole number from 1 to 16");
+      return static_cast<int>(n);
+    }
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+    if (__builtin_cpu_is("intel")) return 8;
+#endif
+    return 4;
+  }();
+  return bytes <= llc ? 16 : from_memory;
 }
 
 bool stream_stores(size_t bytes) {
@@ -156,7 +174,7 @@ at::Tensor contraction_forward(
   c.x_skip = std::move(skips);
   c.out = out.mutable_data_ptr();
   c.stream_stores = stream_stores(out.nbytes());
-  c.inputs_in_cache = !beyond_cache(xs[0].nbytes() * c.K);
+  c.streams = forward_streams(xs[0].nbytes() * c.K);
   kernel(c);
   return out;
 }
@@ -235,7 +253,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> contraction_backward(
     size_t written = 0;
     for (const void* p : c.grad_x) written += p == nullptr ? 0 : n * grad.element_size();
     c.stream_stores = stream_stores(written);
-    c.inputs_in_cache = !beyond_cache(n * grad.element_size() * (K + M));
+    c.streams = forward_streams(n * grad.element_size() * (K + M));
     kernel(c);
   }
   at::Tensor grad_weights = weights_requires_grad
@@ -321,7 +339,7 @@ std::vector<at::Tensor> grouped_weighted_sum_forward(
   for (const at::Tensor& out : outs) written += out.nbytes();
   for (Contraction& c : cs) {
     c.stream_stores = stream_stores(written);
-    c.inputs_in_cache = !beyond_cache(written * K);
+    c.streams = forward_streams(written * K);
   }
   if (!cs.empty()) kernel(cs);
   return outs;

@@ -37,15 +37,19 @@ struct Contraction {
   std::vector<void*> grad_x;        // backward: K gradients, null where not wanted
   void* grad_w = nullptr;           // backward: rows x M x K, accumulation dtype, or null
   bool skip_zero_weights = false;   // backward: grad_w is 0 where w is, that input unread
-  bool inputs_in_cache = true;      // CPU: the inputs fit in the last-level cache
+  int streams = 16;                 // CPU: input streams per pass of the forward (forward_streams)
   bool stream_stores = false;       // CPU: outputs written with non-temporal stores
                                     // (same bits; opt-in, contraction.cpp)
 };
 
 using ContractionKernel = void (*)(const Contraction&);
 
-// Whether `bytes` are more than the CPU's last-level cache holds.
-bool beyond_cache(size_t bytes);
+// CPU: the input streams per pass over the accumulator of a forward whose
+// inputs are `bytes` (kernels.h): 16, as many as the kernels take, while
+// they fit in the last-level cache. Beyond it, where more concurrent streams
+// can slow the reads down: SIMPLEX_PARAM_MEMORY_STREAMS (1 to 16) if set,
+// else 8 on Intel CPUs and 4 on others, as measured (docs/benchmarks.md).
+int forward_streams(size_t bytes);
 // Whether a call writing `bytes` uses non-temporal stores (only when
 // SIMPLEX_PARAM_STREAM_BYTES is set and `bytes` exceed it).
 bool stream_stores(size_t bytes);

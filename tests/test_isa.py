@@ -148,3 +148,23 @@ def test_best_path_by_default_and_a_clear_error_for_an_unknown_one():
     proc = run("sse9")
     assert proc.returncode != 0
     assert "SIMPLEX_PARAM_CPU_CAPABILITY=sse9 is not an instruction set this CPU runs" in proc.stderr
+
+
+def test_memory_streams_is_checked():
+    """SIMPLEX_PARAM_MEMORY_STREAMS, the input streams per pass of a forward
+    whose inputs exceed the last-level cache (docs/usage.md): a bad value is
+    an error that names it, at the first call; a good one runs."""
+    code = ("import torch, simplex_param as sp; "
+            "print(sp.weighted_sum(torch.tensor([0.25, 0.75]), [torch.ones(3), torch.zeros(3)]).tolist())")
+
+    def call(value):
+        env = dict(os.environ, SIMPLEX_PARAM_MEMORY_STREAMS=value)
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+    for value in ("0", "eight"):
+        proc = call(value)
+        assert proc.returncode != 0
+        assert f"SIMPLEX_PARAM_MEMORY_STREAMS={value} must be a whole number from 1 to 16" in proc.stderr
+    proc = call("8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[0.25, 0.25, 0.25]"

@@ -100,9 +100,9 @@ SP_INLINE void store_run(c10::BFloat16* dst, const float* src, int64_t len) {
 }
 #endif
 
-// Input streams per pass over the accumulator: all of them (up to 16) when
-// the inputs fit in the last-level cache; 4 when they come from memory,
-// where more concurrent streams slow the reads down (docs/benchmarks.md).
+// Input streams per pass over the accumulator, at most: all of them (up to
+// 16) when the inputs fit in the last-level cache, fewer when they come
+// from memory (Contraction::streams, forward_streams in contraction.h).
 constexpr int kMaxStreams = 16;
 
 // dst[i] = src[i] converted, for i < len, with non-temporal stores when
@@ -463,7 +463,7 @@ void forward_tiles(const Contraction& c, const Tiles& tiles, int64_t t0, int64_t
   using acc_t = at::opmath_type<scalar_t>;
   const Operands<scalar_t, acc_t> ops(c);
   scalar_t* out = static_cast<scalar_t*>(c.out);
-  const int streams = c.inputs_in_cache ? kMaxStreams : 4;
+  const int streams = std::min(c.streams, kMaxStreams);
   for (int64_t t = t0; t < t1; ++t) {
     tiles.for_each_segment(t, [&](int64_t row, int64_t, int64_t start, int64_t len) {
       // The M outputs one after the other: the segment of every input is read
@@ -509,7 +509,7 @@ struct MixBackward {
       if (ops.grad_x[k] == nullptr) continue;
       for (int64_t m = 0; m < c.M; ++m) column[m] = w[m * c.K + k];
       forward_segment(g.data(), column.data(), c.M, ops.grad_x[k], start, len, c.stream_stores,
-                      c.inputs_in_cache ? kMaxStreams : 4);
+                      std::min(c.streams, kMaxStreams));
     }
   }
 };
