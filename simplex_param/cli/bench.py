@@ -34,10 +34,9 @@ import torch
 
 from simplex_param import MixedOp, cpu_capability, extension_loaded, reference, softmax_weighted_sum
 
-from . import bench_grouped, bench_mhc
+from . import bench_grouped, bench_mhc, timing
 from .bench_grouped import GROUPED_CONTENDERS, GROUPED_SETS
 from .bench_mhc import MHC_CONTENDERS, MHC_SETS
-from . import timing
 from .timing import median_times, peak_extra_bytes, sync
 
 __all__ = ["main", "add_arguments", "run", "run_benchmark"]
