@@ -30,7 +30,7 @@ def keep_freed_memory() -> str:
     would: blocks up to 32 MiB come from the heap (no mmap), and the heap is
     never trimmed. By default glibc hands some freed blocks back to the
     kernel, depending on its heap's state, and the next call pays a page
-    fault per fresh 4 KiB page: the same step took 3.4 or 10.2 ms in two
+    fault per fresh 4 KiB page: the same step took 3.5 or 10.2 ms in two
     processes (docs/benchmarks.md). Larger blocks are still mapped afresh
     each time. Returns what was set, for the report: "default" where the C
     library is not glibc, or refused."""
